@@ -1,0 +1,113 @@
+"""Apply a plan with NVIDIA ModelOpt, calibrate, and export a unified HF checkpoint.
+
+The plan becomes ModelOpt ``quant_cfg`` entries, one per quantizer of every planned layer.
+Calibration follows each format's needs: AWQ-lite for W4A8 / INT4_AWQ layers, ``max`` for the
+rest, each pass with the other group's quantizers switched off. Export goes through ``modelopt.torch.export.export_hf_checkpoint`` into a
+temporary directory that is verified (``autoq.verify``) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoq.errors import AutoqError, atomic_output_dir
+from autoq.formats import FORMATS
+from autoq.model import shared_input_readers
+from autoq.plan import Plan
+from autoq.verify import VerifyReport, verify_checkpoint
+
+
+def modelopt_config(formats: dict[str, str]) -> dict:
+    """The ModelOpt quantize config realising ``formats`` (layer name -> format name)."""
+    quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for name, fmt_name in formats.items():
+        for quantizer, cfg in FORMATS[fmt_name].modelopt_quantizer_cfgs().items():
+            if cfg is not None:
+                quant_cfg.append({"quantizer_name": f"{name}.{quantizer}", "cfg": cfg})
+    return {"quant_cfg": quant_cfg, "algorithm": "max"}
+
+
+def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids: torch.Tensor) -> None:
+    """Every planned layer exists, is linear, fits its format, and fused layers agree."""
+    modules = dict(model.named_modules())
+    missing = [name for name in formats if name not in modules]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise AutoqError(f"plan names {len(missing)} layer(s) the model does not have: {shown}")
+    for name, fmt_name in formats.items():
+        module = modules[name]
+        if not isinstance(module, nn.Linear):
+            raise AutoqError(f"plan layer {name} is a {type(module).__name__}, not a linear layer")
+        if not FORMATS[fmt_name].supports(module.out_features, module.in_features):
+            raise AutoqError(f"{name} ({module.out_features}x{module.in_features}) cannot be stored as {fmt_name}")
+    readers = shared_input_readers(model, list(formats), sample_ids)
+    fused: dict[str, list[str]] = {}
+    for name, first in readers.items():
+        fused.setdefault(first, []).append(name)
+    for names in fused.values():
+        if len({formats[n] for n in names}) > 1:
+            detail = ", ".join(f"{n}={formats[n]}" for n in names)
+            raise AutoqError(f"layers that read the same input are fused at runtime and must share a format: {detail}")
+
+
+def _forward_loop(batches: list[torch.Tensor], device: torch.device, desc: str, progress: bool) -> Callable:
+    def loop(model: nn.Module) -> None:
+        for ids in tqdm(batches, desc=f"autoq {desc}", disable=not progress, leave=False):
+            model(input_ids=ids.to(device), use_cache=False)
+
+    return loop
+
+
+def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Tensor], progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ModelOpt as ``formats`` says, calibrated on ``batches``.
+
+    AWQ layers are quantized and calibrated first (awq_lite, the others off); then the remaining
+    layers are configured and max-calibrated with the AWQ layers switched off, so neither
+    calibration disturbs the other's state.
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    device = next(model.parameters()).device
+    check_plan_fits_model(model, formats, batches[0][:1, :64].to(device))
+    awq = {n: f for n, f in formats.items() if FORMATS[f].calibration == "awq_lite"}
+    rest = {n: f for n, f in formats.items() if n not in awq}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not awq:
+            mtq.quantize(model, modelopt_config(rest), _forward_loop(batches, device, "calibrating (max)", progress))
+            return model
+        awq_config = {**modelopt_config(awq), "algorithm": {"method": "awq_lite", "alpha_step": 0.1}}
+        mtq.quantize(model, awq_config, _forward_loop(batches, device, "calibrating (AWQ)", progress))
+        rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
+        if rest_quant_cfg:
+            mtq.set_quantizer_by_cfg(model, rest_quant_cfg)
+            with set_quantizer_by_cfg_context(model, [{"quantizer_name": f"{n}.*", "enable": False} for n in awq]):
+                mtq.calibrate(model, algorithm="max", forward_loop=_forward_loop(batches, device, "calibrating (max)", progress))
+    return model
+
+
+def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, overwrite: bool = False) -> VerifyReport:
+    """Export a ModelOpt-quantized model as a unified HF checkpoint, verified, all or nothing.
+
+    ModelOpt packs the weights in place: ``model`` is not usable for inference afterwards.
+    """
+    from modelopt.torch.export import export_hf_checkpoint
+
+    dtype = next(model.parameters()).dtype
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
+        tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "autoq_plan.json")
+        report = verify_checkpoint(tmp, plan.formats())
+        if report.problems:
+            raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
+    return report

@@ -1,0 +1,52 @@
+"""AWQ-lite scale search, the same math as ModelOpt's ``awq_lite`` calibration.
+
+Scoring a W4A8 / INT4_AWQ layer with plain round-to-nearest INT4 would overstate its error: the
+format is deployed with AWQ smoothing. So the sensitivity engine searches the AWQ scale the way
+ModelOpt does (grid over alpha in [0, 1], scale = act^alpha / w^(1 - alpha), loss = output MSE
+with the weight quantized and the activation not), on a sample of the calibration tokens
+instead of every token of a quarter of the batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from autoq.formats import Format
+
+ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))
+
+
+def weight_scale(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per-input-channel mean of |w| normalised by its block's max (ModelOpt ``get_weight_scale``)."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(-1, block_size).abs()
+    normalised = blocks / (blocks.amax(dim=1, keepdim=True) + torch.finfo(weight.dtype).tiny)
+    return normalised.reshape(out_features, in_features).mean(0).to(torch.float32)
+
+
+def smoothing_scale(act_scale: torch.Tensor, w_scale: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ scale ``s`` for one alpha (ModelOpt ``get_scale``); the activation is multiplied by 1/s."""
+    scales = (act_scale.pow(alpha) / (w_scale.pow(1 - alpha) + torch.finfo(torch.float32).tiny)).clamp(1e-4, 1e4)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+@torch.no_grad()
+def search_pre_quant_scale(
+    fmt: Format, weight: torch.Tensor, act_scale: torch.Tensor, x_sample: torch.Tensor
+) -> torch.Tensor:
+    """The AWQ ``pre_quant_scale`` (= 1/s, float32) minimising output MSE on ``x_sample``.
+
+    ``act_scale`` is the mean |x| per input channel over all calibration tokens; ``x_sample``
+    is ``[tokens, in_features]`` in the model dtype.
+    """
+    reference = F.linear(x_sample, weight)
+    w_scale = weight_scale(weight, fmt.weight_block)
+    best_loss, best = float("inf"), None
+    for alpha in ALPHAS:
+        pre_quant_scale = 1.0 / smoothing_scale(act_scale, w_scale, alpha)
+        out = F.linear(x_sample * pre_quant_scale.to(x_sample.dtype), fmt.quantize_weight(weight, pre_quant_scale))
+        loss = (out - reference).float().pow(2).mean().item()
+        if loss < best_loss:  # strict: ties keep the smaller alpha, like ModelOpt's min()
+            best_loss, best = loss, pre_quant_scale
+    return best

@@ -1,0 +1,192 @@
+"""``autoq`` command line: thin wrappers over the pipeline functions.
+
+Every user error prints one line ``autoq: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from autoq import __version__
+from autoq.errors import AutoqError
+
+DEFAULT_OUT = "runs/search"
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("bits must be positive")
+    return values
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF model directory or hub id (default: ../shared/models, else a synthetic Llama)")
+    parser.add_argument("--space", default="default", help="search space: built-in name or YAML path (default: default)")
+    parser.add_argument("--calib", default="default", help="calibration text: default | FILE.txt | FILE.jsonl | DATASET_DIR | HUB_NAME[:CONFIG]")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: 64)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+
+
+def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--objective", choices=["fisher", "kl"], default="fisher",
+                        help="fisher: LM loss on the calibration text; kl: label-free, tokens sampled from the model")  # fmt: skip
+    parser.add_argument("--stream-blocks", action="store_true", help="keep decoder blocks on CPU, one at a time on the GPU")
+    parser.add_argument("--chunk-batches", type=int, default=None, help="batches per scoring pass (default: from memory)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="score cache (default: $AUTOQ_CACHE or ~/.cache/autoq)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoq", description="Mixed-precision quantization search for LLMs.")
+    parser.add_argument("--version", action="version", version=f"autoq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="score layers, solve for a bits budget, write plan(s) [and a checkpoint]")
+    search.add_argument("--bits", type=_budgets, required=True, help="average effective bits budget(s), e.g. 4.8 or 4.5,4.8,6")
+    _add_workload_args(search)
+    _add_scoring_args(search)
+    search.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default: {DEFAULT_OUT})")
+    search.add_argument("--export", type=Path, default=None, help="also apply the plan and export a checkpoint here")
+    search.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    search.set_defaults(func=cmd_search)
+
+    front = commands.add_parser("frontier", help="score/size trade-off for all budgets from a search's scores (no model work)")
+    front.add_argument("run", type=Path, help="a directory written by `autoq search`")
+    front.add_argument("--bits", type=_budgets, default=None, help="budgets to solve (default: a grid over the feasible range)")
+    front.set_defaults(func=cmd_frontier)
+
+    apply = commands.add_parser("apply", help="apply a plan with ModelOpt, calibrate, export a unified HF checkpoint")
+    apply.add_argument("plan", type=Path, help="plan.json (from autoq search, or written by hand)")
+    _add_workload_args(apply)
+    apply.add_argument("--export", type=Path, required=True, help="checkpoint output directory")
+    apply.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    apply.add_argument("--no-progress", action="store_true", help="no progress bars")
+    apply.set_defaults(func=cmd_apply)
+    return parser
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autoq import pipeline
+    from autoq.apply import apply_plan, export_checkpoint
+    from autoq.sensitivity import ScoringOptions
+
+    pipeline.preflight_outputs((args.out, args.overwrite), (args.export, args.overwrite))
+    if args.export is not None:
+        pipeline.require_single_budget(args.bits, "--export")
+    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
+    if work.synthetic:
+        pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised, not a trained LM): numbers are real "
+                     "measurements of a random network, not of a language model")  # fmt: skip
+    pipeline.log(f"{len(work.choices)} layers to search over {', '.join(work.space.formats)}; "
+                 f"calibration: {work.calibration.tokens.shape[0]} x {work.calibration.tokens.shape[1]} tokens from {args.calib}")  # fmt: skip
+    options = ScoringOptions(
+        objective=args.objective, batch_size=args.batch_size, device=args.device, stream_blocks=args.stream_blocks,
+        chunk_batches=args.chunk_batches, progress=not args.no_progress,
+    )  # fmt: skip
+    scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
+    pipeline.log(("scores from cache " if scores.from_cache else "scored ") + f"in {scores.seconds:.1f} s "
+                 f"(peak memory {_fmt_memory(scores.peak_memory)}; cache {scores.cache.dir})")  # fmt: skip
+    plans, curve = pipeline.make_plans(work, scores, args.bits, args.objective)
+    summary = pipeline.run_summary(work, scores, options, plans)
+    pipeline.write_search_outputs(args.out, args.overwrite, scores, plans, curve, summary)
+    for plan in plans:
+        a = plan.achieved
+        shares = ", ".join(f"{fmt} {share:.0%}" for fmt, share in a["format_share"].items())
+        pipeline.log(f"--bits {plan.budget['effective_bits']:g}: {a['searched_effective_bits']:.3f} bits on searched layers, "
+                     f"{a['model_effective_bits']:.3f} on the whole model, total score {a['total_score']:.4g} ({shares})")  # fmt: skip
+    pipeline.log(f"wrote {args.out}/ (scores, {len(plans)} plan(s), frontier.csv, search.json)")
+    if args.export is not None:
+        model = pipeline.ensure_model(work, args.dtype, options.device or _default_device())
+        if args.stream_blocks:
+            model.to("cpu")
+        apply_plan(model, plans[0].formats(), work.calibration.batches(args.batch_size), progress=not args.no_progress)
+        report = export_checkpoint(model, work.tokenizer, plans[0], args.export, overwrite=args.overwrite)
+        pipeline.log(f"exported and verified {args.export}/ ({report.effective_bits:.3f} bits per searched weight as stored)")
+    return 0
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from autoq.solver import Options, frontier
+
+    scores_path = args.run / "scores.parquet"
+    if not scores_path.is_file():
+        raise AutoqError(f"{args.run} has no scores.parquet (run `autoq search` first)")
+    options = Options.from_table(pd.read_parquet(scores_path))
+    if args.bits is None:
+        low, high = options.min_bits(), options.max_bits()
+        budgets = [low + (high - low) * k / 20 for k in range(21)]
+    else:
+        budgets = args.bits
+    table = frontier(options, budgets)
+    summary = json.loads((args.run / "search.json").read_text()) if (args.run / "search.json").is_file() else {}
+    print(f"# {summary.get('model', {}).get('id', args.run)}: minimum {options.min_bits():.4f} bits, maximum {options.max_bits():.4f}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from autoq import pipeline
+    from autoq.apply import apply_plan, export_checkpoint
+    from autoq.data import load_tokens
+    from autoq.plan import load_plan
+
+    pipeline.preflight_outputs((args.export, args.overwrite))
+    plan = load_plan(args.plan)
+    source = pipeline.resolve_model(args.model) if args.model else pipeline.default_model()
+    tokenizer = pipeline.load_tokenizer(source)
+    calibration = load_tokens(args.calib, tokenizer, args.calib_samples, args.seq_len)
+    model = pipeline.load_model(source, dtype=args.dtype, device=args.device or _default_device())
+    apply_plan(model, plan.formats(), calibration.batches(args.batch_size), progress=not args.no_progress)
+    report = export_checkpoint(model, tokenizer, plan, args.export, overwrite=args.overwrite)
+    pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
+                 f"{report.effective_bits:.3f} bits per planned weight as stored)")  # fmt: skip
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fmt_memory(peak: dict[str, float]) -> str:
+    return ", ".join(f"{k.replace('_gib', '')} {v:.2f} GiB" for k, v in peak.items())
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", module="modelopt")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AutoqError as err:
+        print(f"autoq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoq: interrupted; finished scoring chunks are cached, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

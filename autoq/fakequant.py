@@ -1,0 +1,96 @@
+"""Pure-torch fake quantization, numerically matched to NVIDIA ModelOpt 0.47.
+
+ModelOpt's own fake-quant kernels are CUDA/Triton only for NVFP4, and running them means
+wrapping every layer in quantizer modules.  The sensitivity engine needs raw functions it can
+call on any device, so these mirror ModelOpt's arithmetic step for step:
+
+* FP8 E4M3 per-tensor: ``modelopt.torch.quantization.tensor_quant._fp8_eager``.
+* NVFP4 (E2M1 values, FP8-E4M3 scale per 16 values, FP32 global scale): the Triton kernel
+  ``modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper.fp4_fake_quant_block``.
+* INT4 with static per-block amax: ``tensor_quant._tensor_quant`` (symmetric, full range
+  [-8, 7], round half to even).
+
+``tests/test_fakequant.py`` checks agreement with ModelOpt on CPU (FP8, INT4, W4A8) and
+``benchmarks/gpu_checks.py`` on CUDA (NVFP4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Bump when any function here changes its numbers: cached sensitivity scores key on it.
+NUMERICS_VERSION = 1
+FP8_E4M3_MAX = 448.0
+FP4_E2M1_MAX = 6.0
+_AMAX_EPSILON = 1.0 / (1 << 24)
+
+
+def fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize to FP8 E4M3 with scale ``amax / 448`` (``amax`` broadcasts against ``x``)."""
+    amax = amax.to(device=x.device, dtype=torch.float32)
+    safe_amax = torch.where(amax <= _AMAX_EPSILON, torch.ones_like(amax), amax)
+    scale = FP8_E4M3_MAX / safe_amax
+    scaled = (x.to(torch.float32) * scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return (scaled.to(torch.float8_e4m3fn).to(torch.float32) * (1.0 / scale)).to(x.dtype)
+
+
+def _round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+    """Round non-negative values to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}.
+
+    Same decision boundaries as ModelOpt's ``fp4_round_magnitude`` (ties to the even code).
+    """
+    m = magnitude
+    return torch.where(m <= 0.25, 0.0,
+           torch.where(m < 0.75, 0.5,
+           torch.where(m <= 1.25, 1.0,
+           torch.where(m < 1.75, 1.5,
+           torch.where(m <= 2.5, 2.0,
+           torch.where(m < 3.5, 3.0,
+           torch.where(m <= 5.0, 4.0, 6.0)))))))  # fmt: skip
+
+
+def nvfp4_block_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """Per-block decode scales (FP8-rounded ``block_amax / 6``, times the global scale).
+
+    Returns a float32 tensor shaped ``x.shape[:-1] + (x.shape[-1] // block_size, 1)``.
+    """
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    global_scale = global_amax.to(device=x.device, dtype=torch.float32) / (FP4_E2M1_MAX * FP8_E4M3_MAX)
+    global_scale = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, 1e-12))
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    in_fp8_range = (block_amax / (FP4_E2M1_MAX * global_scale)).clamp(max=FP8_E4M3_MAX)
+    scales = in_fp8_range.to(torch.float8_e4m3fn).to(torch.float32) * global_scale
+    return torch.where(scales >= 1e-5, scales, torch.ones_like(scales))
+
+
+def nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """Fake-quantize to NVFP4 along the last dimension (dynamic per-block scales)."""
+    if x.shape[-1] % block_size:
+        raise ValueError(f"NVFP4 needs the last dimension ({x.shape[-1]}) divisible by {block_size}")
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    scales = nvfp4_block_scales(x, global_amax, block_size)
+    magnitude = _round_to_e2m1(blocks.abs() / scales) * scales
+    return torch.where(blocks >= 0, magnitude, -magnitude).reshape(x.shape).to(x.dtype)
+
+
+def int_block_amax(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Static per-block amax of a 2-D weight, blocks of ``block_size`` along the input dim."""
+    out_features, in_features = w.shape
+    return w.to(torch.float32).reshape(out_features, in_features // block_size, block_size).abs().amax(-1, keepdim=True)
+
+
+def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
+    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7])."""
+    out_features, in_features = w.shape
+    if in_features % block_size:
+        raise ValueError(f"INT{num_bits} needs in_features ({in_features}) divisible by {block_size}")
+    blocks = w.to(torch.float32).reshape(out_features, in_features // block_size, block_size)
+    max_bound = 2.0 ** (num_bits - 1) - 1.0
+    zero = block_amax <= _AMAX_EPSILON
+    # tensor / tensor, as ModelOpt does: ``scalar / tensor`` multiplies by a reciprocal and
+    # rounds differently, which flips codes that sit exactly between two levels.
+    scale = torch.tensor(max_bound, device=w.device) / block_amax
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    codes = torch.clamp(torch.round(blocks * scale), -max_bound - 1.0, max_bound)
+    scale = torch.where(zero, torch.ones_like(scale), scale)
+    return (codes / scale).reshape(out_features, in_features).to(w.dtype)

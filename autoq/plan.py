@@ -1,0 +1,131 @@
+"""The plan file: one format per linear layer, with where it came from.
+
+``plan.json`` (schema ``autoq.plan``, version 1) is documented in the README. Only ``schema``,
+``version`` and ``layers.<name>.format`` are required, so a plan can be written by hand; every
+other field is provenance that autoq fills in.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autoq import __version__
+from autoq.errors import AutoqError
+from autoq.formats import FORMATS, get_format
+
+SCHEMA = "autoq.plan"
+VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    format: str
+    group: str | None = None
+    score: float | None = None
+    params: int | None = None
+    bits: int | None = None
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerPlan]
+    model: dict[str, Any] = field(default_factory=dict)
+    search_space: dict[str, Any] = field(default_factory=dict)
+    objective: str | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    achieved: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    created: dict[str, Any] = field(default_factory=dict)
+
+    def formats(self) -> dict[str, str]:
+        return {name: layer.format for name, layer in self.layers.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        layers = {name: {k: v for k, v in vars(layer).items() if v is not None} for name, layer in self.layers.items()}
+        return {
+            "schema": SCHEMA, "version": VERSION, "model": self.model, "search_space": self.search_space,
+            "objective": self.objective, "budget": self.budget, "achieved": self.achieved,
+            "calibration": self.calibration, "created": self.created, "layers": layers,
+        }  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def load_plan(path: Path) -> Plan:
+    """Read and validate a plan file; any problem is one clear ``AutoqError``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AutoqError(f"plan file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise AutoqError(f"plan file {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    return plan_from_json(raw, str(path))
+
+
+def plan_from_json(raw: Any, origin: str) -> Plan:
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise AutoqError(f"{origin}: not an autoq plan (expected \"schema\": \"{SCHEMA}\")")
+    if raw.get("version") != VERSION:
+        raise AutoqError(f"{origin}: plan version {raw.get('version')!r} is not supported (this autoq reads {VERSION})")
+    layers_raw = raw.get("layers")
+    if not isinstance(layers_raw, dict) or not layers_raw:
+        raise AutoqError(f"{origin}: 'layers' must map layer names to {{\"format\": ...}}")
+    layers = {}
+    for name, entry in layers_raw.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
+            raise AutoqError(f"{origin}: layer {name} has no \"format\"")
+        get_format(entry["format"])
+        known = {k: entry.get(k) for k in ("group", "score", "params", "bits")}
+        layers[name] = LayerPlan(format=entry["format"], **known)
+    return Plan(
+        layers=layers,
+        **{k: raw.get(k) or {} for k in ("model", "search_space", "budget", "achieved", "calibration", "created")},
+        objective=raw.get("objective"),
+    )
+
+
+def creation_info() -> dict[str, Any]:
+    return {
+        "tool": "autoq", "version": __version__,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["autoq", *sys.argv[1:]]) if Path(sys.argv[0]).name == "autoq" else None,
+    }  # fmt: skip
+
+
+def plan_from_solution(
+    table: pd.DataFrame, choice: dict[str, str], *, budget_bits: float, total_params: int, **provenance: Any
+) -> Plan:
+    """Build a plan from a grouped score table and the solver's group -> format choice."""
+    picked = table[table.format == table.group.map(choice)]
+    layers = {
+        row.layer: LayerPlan(format=row.format, group=row.group, score=float(row.score), params=int(row.params), bits=int(row.bits))
+        for row in picked.itertuples()
+    }
+    searched_params = int(picked.params.sum())
+    searched_bits = int(picked.bits.sum())
+    # Everything not searched (embeddings, norms, unsearched linears) stays in 16 bits.
+    model_bits = searched_bits + 16 * (total_params - searched_params)
+    achieved = {
+        "searched_effective_bits": searched_bits / searched_params,
+        "model_effective_bits": model_bits / total_params,
+        "searched_params": searched_params,
+        "total_params": total_params,
+        "total_score": float(picked.score.sum()),
+        "format_share": {fmt: picked[picked.format == fmt].params.sum() / searched_params for fmt in sorted(set(picked.format))},
+    }
+    return Plan(layers=layers, budget={"effective_bits": budget_bits}, achieved=achieved, created=creation_info(), **provenance)
+
+
+def plan_bits(plan: Plan, shapes: dict[str, tuple[int, int]]) -> float:
+    """Effective bits of a plan over its layers, from layer shapes (out, in)."""
+    total_bits = sum(FORMATS[layer.format].storage_bits(*shapes[name]) for name, layer in plan.layers.items())
+    return total_bits / sum(out * inp for out, inp in (shapes[name] for name in plan.layers))

@@ -1,0 +1,453 @@
+"""The sensitivity engine: per-layer, per-format scores from loss gradients.
+
+For a linear layer with output ``Y`` and a format ``f``, the score is the Fisher/Taylor estimate
+of the loss increase from quantizing that layer alone::
+
+    score(layer, f) = sum over calibration tokens of (dL/dY * (Q_f(Y) - Y))^2
+
+with ``Q_f(Y) = Q_f(X) @ Q_f(W)^T``. ``L`` is the LM loss on the calibration text
+(``objective="fisher"``) or, label-free, the loss on tokens sampled from the model's own
+next-token distribution (``objective="kl"``), whose expected squared gradient is the Fisher of
+the KL divergence to the unquantized model.
+
+How it stays cheap (see ``docs`` in the README for the numbers):
+* Block by block. Pass 1 (calibration) runs every decoder block over all calibration batches,
+  collecting what every format needs (per-channel input amax, AWQ activation statistics and a
+  token sample), then searches AWQ scales. Pass 2 (scoring) runs a chunk of batches forward,
+  storing only each block's input, then walks the blocks in reverse, recomputing each block's
+  forward with gradients to get its activation gradients.
+* Activation gradients only: parameters never require gradients, so no weight gradient is ever
+  computed or stored.
+* ``Q_f(Y) - Y`` is computed inside the gradient hook of ``Y`` and reduced at once: it never
+  exists for more than one layer and one format at a time. Each format's quantized weights are
+  computed once per block per chunk, not once per batch.
+* Blocks can be streamed (``stream_blocks``): kept in CPU memory and moved to the GPU one at a
+  time, so a model larger than the GPU can be scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoq import awq
+from autoq.cache import ScoreCache
+from autoq.formats import FORMATS, Format
+from autoq.model import DecoderStructure, shared_input_readers
+from autoq.search_space import LayerChoice
+
+ENGINE_VERSION = 1
+SCORE_COLUMNS = ["layer", "block", "format", "score", "params", "bits", "shared_input"]
+HEAD_BLOCK = -1  # ``block`` value of the lm_head in score tables
+_HEAD_CHUNK_ELEMENTS = 1 << 25  # logits computed this many elements at a time (128 MiB in fp32)
+
+
+@dataclass
+class ScoringOptions:
+    objective: Literal["fisher", "kl"] = "fisher"
+    batch_size: int = 4
+    device: str | None = None  # None: CUDA when available, else CPU
+    stream_blocks: bool = False  # keep decoder blocks on the CPU, move one at a time to ``device``
+    store_on_cpu: bool | None = None  # where block inputs are kept; None: CPU iff streaming
+    chunk_batches: int | None = None  # batches scored per pass; None: from ``store_budget_gib``
+    store_budget_gib: float = 2.0
+    awq_tokens: int = 4096  # calibration tokens sampled per layer for the AWQ scale search
+    seed: int = 0
+    progress: bool = True
+
+    def cache_key_parts(self) -> dict[str, Any]:
+        """What changes the scores (devices, streaming and chunking do not)."""
+        return {"objective": self.objective, "batch_size": self.batch_size, "awq_tokens": self.awq_tokens, "seed": self.seed}
+
+
+@dataclass
+class _Target:
+    choice: LayerChoice
+    module: nn.Linear
+    block: int | None  # None: the lm_head
+    formats: list[Format]  # quantized formats to score (BF16 scores 0 by definition)
+
+    @property
+    def name(self) -> str:
+        return self.choice.name
+
+
+@dataclass
+class _Stats:
+    """What pass 1 collects for one linear layer."""
+
+    channel_amax: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    rows: int = 0
+    awq_samples: list[torch.Tensor] = field(default_factory=list)
+    shared_input: str | None = None
+    pre_quant_scale: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    """One format of one layer, ready to quantize that layer's inputs in a gradient hook."""
+
+    fmt: Format
+    qweight: torch.Tensor
+    pre_quant_scale: torch.Tensor | None
+    channel_amax: torch.Tensor
+
+
+def fisher_term(grad: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """``sum((grad * diff)^2)`` in float32 (ModelOpt clamps the product the same way)."""
+    return (grad.float() * diff.float()).clamp(-1e10, 1e10).square().sum()
+
+
+class SensitivityEngine:
+    """Scores the layers in ``choices`` of ``model`` for all their candidate formats."""
+
+    def __init__(self, model: nn.Module, choices: list[LayerChoice], options: ScoringOptions, cache: ScoreCache | None = None):
+        self.model = model
+        self.options = options
+        self.cache = cache
+        self.structure = DecoderStructure(model)
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        store_on_cpu = options.stream_blocks if options.store_on_cpu is None else options.store_on_cpu
+        self.store_device = torch.device("cpu") if store_on_cpu else self.device
+        modules = dict(model.named_modules())
+        self.targets = [
+            _Target(
+                choice=c,
+                module=modules[c.name],
+                block=self.structure.block_index(c.name),
+                formats=[FORMATS[f] for f in c.candidates if FORMATS[f].quantized],
+            )
+            for c in choices
+        ]
+        self.by_block: dict[int | None, list[_Target]] = defaultdict(list)
+        for target in self.targets:
+            self.by_block[target.block].append(target)
+        self._block_kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ public
+    def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
+        """Score table (``SCORE_COLUMNS``), from the cache when this exact work was done before."""
+        if self.cache is not None and (cached := self.cache.load_table()) is not None:
+            return cached
+        for param in self.model.parameters():
+            param.requires_grad_(False)  # activation gradients only: no weight gradient, ever
+        sample = token_batches[0][:1, :64]
+        if self.options.stream_blocks:  # the whole model only fits where it was loaded
+            readers = self._inspect(sample)
+            self._place_model()
+        else:
+            self._place_model()
+            readers = self._inspect(sample)
+        stats = self._load_or_calibrate(token_batches, readers)
+        totals: dict[str, dict[str, float]] = {t.name: {f.name: 0.0 for f in t.formats} for t in self.targets}
+        chunk_size = self._chunk_size(token_batches)
+        chunks = [token_batches[i : i + chunk_size] for i in range(0, len(token_batches), chunk_size)]
+        steps_per_chunk = 2 * len(self.structure.layers) + 1
+        with self._progress(len(chunks) * steps_per_chunk, "scoring") as bar:
+            for index, chunk in enumerate(chunks):
+                partial = self.cache.load_chunk(index) if self.cache is not None else None
+                if partial is None:
+                    partial = self._score_chunk(chunk, index * chunk_size, stats, bar)
+                    if self.cache is not None:
+                        self.cache.save_chunk(index, partial)
+                else:
+                    bar.update(steps_per_chunk)
+                for name, per_format in partial.items():
+                    for fmt, value in per_format.items():
+                        totals[name][fmt] += value
+        table = self._table(totals, stats)
+        if self.cache is not None:
+            self.cache.save_table(table)
+        return table
+
+    def _inspect(self, sample: torch.Tensor) -> dict[str, str]:
+        """Check block-wise execution is faithful; find linears that share an input."""
+        sample = sample.to(next(self.model.parameters()).device)
+        self.structure.check_reproduces_logits(sample)
+        return shared_input_readers(self.model, [t.name for t in self.targets], sample)
+
+    # --------------------------------------------------------------- placement
+    def _place_model(self) -> None:
+        """Everything on ``device``; with streaming, the decoder blocks stay on the CPU."""
+        if not self.options.stream_blocks:
+            self.model.to(self.device)
+            return
+        layers = self.structure.layers
+        parent_name, _, attr = self.structure.layer_prefix.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, attr, nn.ModuleList())  # detach the blocks so .to() skips them
+        try:
+            self.model.to(self.device)
+        finally:
+            setattr(parent, attr, layers)
+        layers.to("cpu")
+
+    @contextlib.contextmanager
+    def _resident(self, block: nn.Module) -> Iterator[None]:
+        if not self.options.stream_blocks:
+            yield
+            return
+        block.to(self.device)
+        try:
+            yield
+        finally:
+            block.to("cpu")
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden, kwargs = self.structure.capture_layer_inputs(input_ids.to(self.device))
+        self._block_kwargs.setdefault(tuple(input_ids.shape), kwargs)
+        return hidden.to(self.store_device)
+
+    def _run_block(self, block: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.structure.run_block(block, hidden, self._block_kwargs[tuple(input_ids.shape)])
+
+    def _chunk_size(self, batches: list[torch.Tensor]) -> int:
+        if self.options.chunk_batches:
+            return self.options.chunk_batches
+        hidden_size = self.structure.lm_head.in_features
+        batch = batches[0]
+        per_batch = (len(self.structure.layers) + 2) * batch.numel() * hidden_size * self._dtype_bytes()
+        return max(1, min(len(batches), int(self.options.store_budget_gib * 2**30 // per_batch)))
+
+    def _dtype_bytes(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    def _progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=f"autoq {desc}", unit="step", disable=not self.options.progress, leave=False)
+
+    # ------------------------------------------------------ pass 1: calibration
+    def _load_or_calibrate(self, batches: list[torch.Tensor], readers: dict[str, str]) -> dict[str, _Stats]:
+        if self.cache is not None and (saved := self.cache.load_stats()) is not None:
+            return self._stats_from_saved(*saved)
+        stats = self._calibrate(batches, readers)
+        if self.cache is not None:
+            self.cache.save_stats(*self._stats_to_saved(stats))
+        return stats
+
+    @torch.no_grad()
+    def _calibrate(self, batches: list[torch.Tensor], readers: dict[str, str]) -> dict[str, _Stats]:
+        stats = {t.name: _Stats(shared_input=readers[t.name]) for t in self.targets}
+        rows_per_batch = math.ceil(self.options.awq_tokens / len(batches))
+        hidden = [self._embed(ids) for ids in batches]
+        blocks = list(enumerate(self.structure.layers))
+        with self._progress(len(blocks) + 1, "calibrating") as bar:
+            for index, block in blocks:
+                targets = self.by_block.get(index, [])
+                with self._resident(block), self._stat_hooks(targets, stats, rows_per_batch):
+                    for b, ids in enumerate(batches):
+                        out = self._run_block(block, hidden[b].to(self.device), ids)
+                        hidden[b] = out.to(self.store_device)
+                self._search_awq(targets, stats)
+                bar.update()
+            head = self.by_block.get(None, [])
+            if head:
+                with self._stat_hooks(head, stats, rows_per_batch):
+                    for h in hidden:
+                        self.structure.lm_head(self.structure.head_input(h.to(self.device)))
+                self._search_awq(head, stats)
+            bar.update()
+        return stats
+
+    @contextlib.contextmanager
+    def _stat_hooks(self, targets: list[_Target], stats: dict[str, _Stats], rows_per_batch: int) -> Iterator[None]:
+        def make_hook(target: _Target):
+            wants_awq = any(f.awq for f in target.formats)
+
+            def hook(_module: nn.Module, args: tuple) -> None:
+                x = args[0]
+                s = stats[target.name]
+                flat = x.reshape(-1, x.shape[-1])
+                amax = flat.abs().amax(0).float()
+                s.channel_amax = amax if s.channel_amax is None else torch.maximum(s.channel_amax, amax)
+                abs_sum = flat.abs().float().sum(0)
+                s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum + abs_sum
+                s.rows += flat.shape[0]
+                if wants_awq:
+                    picks = torch.linspace(0, flat.shape[0] - 1, min(rows_per_batch, flat.shape[0]), device=flat.device)
+                    s.awq_samples.append(flat[picks.long()].clone())
+
+            return hook
+
+        handles = [t.module.register_forward_pre_hook(make_hook(t)) for t in targets]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _search_awq(self, targets: list[_Target], stats: dict[str, _Stats]) -> None:
+        for target in targets:
+            s = stats[target.name]
+            if not s.awq_samples:
+                continue
+            sample = torch.cat(s.awq_samples)
+            act_scale = s.abs_sum / s.rows
+            for fmt in target.formats:
+                if fmt.awq:
+                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(fmt, target.module.weight, act_scale, sample)
+            s.awq_samples.clear()
+
+    @staticmethod
+    def _stats_to_saved(stats: dict[str, _Stats]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, s in stats.items():
+            tensors[f"{name}:channel_amax"] = s.channel_amax
+            tensors[f"{name}:act_scale"] = s.abs_sum / s.rows
+            for fmt, scale in s.pre_quant_scale.items():
+                tensors[f"{name}:pre_quant_scale:{fmt}"] = scale
+        return tensors, {"shared_input": {name: s.shared_input for name, s in stats.items()}}
+
+    def _stats_from_saved(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, _Stats]:
+        stats = {}
+        for target in self.targets:
+            name = target.name
+            s = _Stats(channel_amax=tensors[f"{name}:channel_amax"].to(self.device), rows=1)
+            s.abs_sum = tensors[f"{name}:act_scale"].to(self.device)
+            s.shared_input = meta["shared_input"][name]
+            for fmt in target.formats:
+                if f"{name}:pre_quant_scale:{fmt.name}" in tensors:
+                    s.pre_quant_scale[fmt.name] = tensors[f"{name}:pre_quant_scale:{fmt.name}"].to(self.device)
+            stats[name] = s
+        return stats
+
+    # ---------------------------------------------------------- pass 2: scores
+    def _score_chunk(
+        self, batches: list[torch.Tensor], first_batch: int, stats: dict[str, _Stats], bar
+    ) -> dict[str, dict[str, float]]:
+        totals = {t.name: {f.name: torch.zeros((), device=self.device) for f in t.formats} for t in self.targets}
+        layers = self.structure.layers
+        # Forward, block-major: keep every block's input for this chunk of batches.
+        with torch.no_grad():
+            inputs = [[self._embed(ids)] for ids in batches]
+            for block in layers:
+                with self._resident(block):
+                    for ids, per_batch in zip(batches, inputs):
+                        per_batch.append(self._run_block(block, per_batch[-1].to(self.device), ids).to(self.store_device))
+                bar.update()
+        # Head: loss gradient with respect to the last block's output.
+        grads: list[torch.Tensor] = []
+        with self._score_hooks(self.by_block.get(None, []), stats, totals) as next_batch:
+            for b, (ids, per_batch) in enumerate(zip(batches, inputs)):
+                x = per_batch[-1].to(self.device).requires_grad_(True)
+                per_batch[-1] = None
+                self._head_backward(x, ids.to(self.device), first_batch + b)
+                grads.append(x.grad.to(self.store_device))
+                next_batch()
+        bar.update()
+        # Backward, block-major and in reverse: recompute each block with gradients.
+        for index in reversed(range(len(layers))):
+            block = layers[index]
+            with self._resident(block), self._score_hooks(self.by_block.get(index, []), stats, totals) as next_batch:
+                for b, (ids, per_batch) in enumerate(zip(batches, inputs)):
+                    x = per_batch[index].to(self.device).requires_grad_(True)
+                    per_batch[index] = None
+                    y = self._run_block(block, x, ids)
+                    y.backward(grads[b].to(self.device))
+                    grads[b] = x.grad.to(self.store_device)
+                    next_batch()
+            bar.update()
+        return {name: {fmt: value.item() for fmt, value in per.items()} for name, per in totals.items()}
+
+    def _head_backward(self, x: torch.Tensor, input_ids: torch.Tensor, batch_index: int) -> None:
+        """Backpropagate the mean next-token loss of one batch into ``x.grad``, logits in chunks."""
+        lm_head = self.structure.lm_head
+        normed = self.structure.head_input(x)[:, :-1].reshape(-1, x.shape[-1])
+        leaf = normed.detach().requires_grad_(True)
+        labels = input_ids[:, 1:].reshape(-1)
+        generator = None
+        if self.options.objective == "kl":
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.options.seed * 1_000_003 + batch_index)
+        rows = max(1, _HEAD_CHUNK_ELEMENTS // lm_head.out_features)
+        for start in range(0, leaf.shape[0], rows):
+            logits = lm_head(leaf[start : start + rows]).float()
+            if generator is None:
+                target = labels[start : start + rows]
+            else:  # label-free: tokens sampled from the unquantized model's own distribution
+                target = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(1)
+            loss = F.cross_entropy(logits, target, reduction="sum") / labels.numel()
+            loss.backward()
+        normed.backward(leaf.grad)
+
+    def _prepare(self, targets: list[_Target], stats: dict[str, _Stats]) -> dict[str, list[_Prepared]]:
+        prepared = {}
+        with torch.no_grad():
+            for target in targets:
+                s = stats[target.name]
+                prepared[target.name] = [
+                    _Prepared(
+                        fmt=fmt,
+                        qweight=fmt.quantize_weight(target.module.weight, s.pre_quant_scale.get(fmt.name)),
+                        pre_quant_scale=s.pre_quant_scale.get(fmt.name),
+                        channel_amax=s.channel_amax,
+                    )
+                    for fmt in target.formats
+                ]
+        return prepared
+
+    @contextlib.contextmanager
+    def _score_hooks(
+        self, targets: list[_Target], stats: dict[str, _Stats], totals: dict[str, dict[str, torch.Tensor]]
+    ) -> Iterator[Callable[[], None]]:
+        """Forward hooks that attach, to each target's output, a gradient hook adding its scores."""
+        prepared = self._prepare(targets, stats)
+        quantized_inputs: dict[tuple, torch.Tensor] = {}  # q/k/v read one tensor: quantize it once
+
+        def quantized_input(x: torch.Tensor, layer: str, p: _Prepared) -> torch.Tensor:
+            key = (id(x), p.fmt.name, layer if p.pre_quant_scale is not None else None)
+            if key not in quantized_inputs:
+                quantized_inputs[key] = p.fmt.quantize_input(x, p.channel_amax, p.pre_quant_scale)
+            return quantized_inputs[key]
+
+        def make_hook(target: _Target):
+            def on_forward(module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+                if not output.requires_grad:
+                    return
+                x, y = args[0].detach(), output.detach()
+
+                def on_grad(grad: torch.Tensor) -> None:
+                    with torch.no_grad():
+                        for p in prepared[target.name]:
+                            diff = F.linear(quantized_input(x, target.name, p), p.qweight, module.bias)
+                            diff -= y
+                            totals[target.name][p.fmt.name] += fisher_term(grad, diff)
+
+                output.register_hook(on_grad)
+
+            return on_forward
+
+        handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
+        try:
+            yield quantized_inputs.clear  # the caller calls it after each batch's backward
+        finally:
+            for handle in handles:
+                handle.remove()
+            quantized_inputs.clear()
+
+    def _table(self, totals: dict[str, dict[str, float]], stats: dict[str, _Stats]) -> pd.DataFrame:
+        rows = []
+        for target in self.targets:
+            choice = target.choice
+            for fmt_name in choice.candidates:
+                fmt = FORMATS[fmt_name]
+                rows.append({
+                    "layer": choice.name,
+                    "block": HEAD_BLOCK if target.block is None else target.block,
+                    "format": fmt_name,
+                    "score": totals[choice.name][fmt_name] if fmt.quantized else 0.0,
+                    "params": choice.params,
+                    "bits": fmt.storage_bits(choice.out_features, choice.in_features),
+                    "shared_input": stats[choice.name].shared_input,
+                })  # fmt: skip
+        return pd.DataFrame(rows, columns=SCORE_COLUMNS)
