@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoq import fakequant
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
 from autoq.model import shared_input_readers
@@ -56,6 +57,35 @@ def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids:
             raise AutoqError(f"layers that read the same input are fused at runtime and must share a format: {detail}")
 
 
+TORCH_NVFP4_BACKEND = "autoq_torch_nvfp4"
+
+
+def _torch_nvfp4(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    return fakequant.nvfp4(inputs, quantizer.amax.float(), quantizer.block_sizes[-1])
+
+
+def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
+    """Route NVFP4 fake quantization of a non-CUDA model through ``autoq.fakequant``.
+
+    ModelOpt's NVFP4 fake-quant kernels are CUDA/Triton only; its quantizers accept a registered
+    functional backend, so the same calibrated quantizers run on CPU with our bit-matched
+    implementation. Returns how many quantizers were switched.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, register_quant_backend
+
+    if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
+        register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
+    switched = 0
+    for module in model.modules():
+        blocks = getattr(module, "block_sizes", None) if isinstance(module, TensorQuantizer) else None
+        if blocks and blocks.get("type") == "dynamic" and module.num_bits == (2, 1) and module.amax is not None:
+            if not module.amax.is_cuda:
+                module.backend = TORCH_NVFP4_BACKEND
+                switched += 1
+    return switched
+
+
 def _forward_loop(batches: list[torch.Tensor], device: torch.device, desc: str, progress: bool) -> Callable:
     def loop(model: nn.Module) -> None:
         for ids in tqdm(batches, desc=f"autoq {desc}", disable=not progress, leave=False):
@@ -82,7 +112,7 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
         warnings.simplefilter("ignore")
         if not awq:
             mtq.quantize(model, modelopt_config(rest), _forward_loop(batches, device, "calibrating (max)", progress))
-            return model
+            return _as_exported(model)
         awq_config = {**modelopt_config(awq), "algorithm": {"method": "awq_lite", "alpha_step": 0.1}}
         mtq.quantize(model, awq_config, _forward_loop(batches, device, "calibrating (AWQ)", progress))
         rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
@@ -90,6 +120,17 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
             mtq.set_quantizer_by_cfg(model, rest_quant_cfg)
             with set_quantizer_by_cfg_context(model, [{"quantizer_name": f"{n}.*", "enable": False} for n in awq]):
                 mtq.calibrate(model, algorithm="max", forward_loop=_forward_loop(batches, device, "calibrating (max)", progress))
+        return _as_exported(model)
+
+
+def _as_exported(model: nn.Module) -> nn.Module:
+    """Make fused layers share scales now, as the exporter will: the in-memory model then
+    computes what the exported checkpoint computes (and exporting again changes nothing)."""
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    use_torch_nvfp4_off_cuda(model)
+    with torch.no_grad():
+        requantize_resmooth_fused_llm_layers(model)
     return model
 
 

@@ -73,7 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     apply.add_argument("--no-progress", action="store_true", help="no progress bars")
     apply.set_defaults(func=cmd_apply)
+
+    evaluate = commands.add_parser("eval", help="evaluate a plan (or an exported checkpoint) against the BF16 model")
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument("--plan", type=Path, help="plan.json to apply (ModelOpt, calibrated) before evaluating")
+    source.add_argument("--checkpoint", type=Path, help="an exported checkpoint, run as a runtime would (dequantized)")
+    _add_workload_args(evaluate)
+    _add_eval_args(evaluate)
+    evaluate.add_argument("--out", type=Path, default=None, help="write the results (JSON) here")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_eval)
+
+    sweep = commands.add_parser("sweep", help="plans at several budgets plus baselines, all evaluated (resumable)")
+    sweep.add_argument("--bits", type=_budgets, required=True, help="budgets for autoq (and matched ModelOpt) rows")
+    _add_workload_args(sweep)
+    _add_scoring_args(sweep)
+    _add_eval_args(sweep)
+    sweep.add_argument("--baselines", default="bf16,fp8,w4a8,nvfp4,modelopt",
+                       help="comma list of bf16, fp8, w4a8, nvfp4, modelopt (default: all)")  # fmt: skip
+    sweep.add_argument("--keep-checkpoints", action="store_true", help="keep every row's exported checkpoint")
+    sweep.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = commands.add_parser("report", help="plots, report.md and report.html from a sweep directory")
+    report.add_argument("sweep", type=Path, help="a directory written by `autoq sweep`")
+    report.add_argument("--out", type=Path, default=None, help="report directory (default: reports/<sweep name>)")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    report.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default="ppl,kl", help="ppl, kl and/or lm-eval task names, e.g. mmlu (default: ppl,kl)")
+    parser.add_argument("--mmlu-dir", type=Path, default=None, help="local MMLU in the original CSV layout (offline)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks (MMLU: 5 or 0)")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval examples per task (per MMLU subject)")
+    parser.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for ppl/kl (default: 32)")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -155,6 +190,96 @@ def cmd_apply(args: argparse.Namespace) -> int:
     report = export_checkpoint(model, tokenizer, plan, args.export, overwrite=args.overwrite)
     pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
                  f"{report.effective_bits:.3f} bits per planned weight as stored)")  # fmt: skip
+    return 0
+
+
+def _tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise AutoqError("--tasks is empty")
+    return tasks
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import copy
+    import json
+
+    from autoq import pipeline
+    from autoq.apply import apply_plan
+    from autoq.checkpoint import load_fake_quant_model
+    from autoq.data import load_tokens
+    from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
+    from autoq.plan import load_plan
+
+    tasks = _tasks(args.tasks)
+    plan = load_plan(args.plan) if args.plan else None
+    source = pipeline.resolve_model(args.model) if args.model else pipeline.default_model()
+    tokenizer = pipeline.load_tokenizer(source)
+    device = args.device or _default_device()
+    reference = pipeline.load_model(source, dtype=args.dtype, device=device)
+    calibration = load_tokens(args.calib, tokenizer, args.calib_samples, args.seq_len)
+    heldout = load_tokens(args.calib, tokenizer, args.eval_samples, args.seq_len, skip_samples=args.calib_samples, purpose="held-out evaluation")
+    if plan is not None:
+        model = apply_plan(copy.deepcopy(reference), plan.formats(), calibration.batches(args.batch_size), progress=not args.no_progress)
+    elif args.checkpoint is not None:
+        model = load_fake_quant_model(args.checkpoint, device=device)
+    else:
+        model = reference
+    metrics: dict = {}
+    if "ppl" in tasks:
+        metrics["ppl"] = perplexity(model, heldout.batches(args.batch_size))
+    if "kl" in tasks:
+        metrics["kl"] = mean_kl(reference, model, heldout.batches(args.batch_size))
+    lm_tasks = [t for t in tasks if t not in PROXY_TASKS]
+    raw = None
+    if lm_tasks:
+        raw = run_lm_eval(model, tokenizer, lm_tasks, mmlu_dir=args.mmlu_dir, few_shot=args.num_fewshot, limit=args.limit,
+                          batch_size=args.batch_size)  # fmt: skip
+        metrics.update(summarize_lm_eval(raw))
+    result = {"model": source.name, "plan": str(args.plan) if args.plan else None,
+              "checkpoint": str(args.checkpoint) if args.checkpoint else None, "metrics": metrics,
+              "heldout": heldout.describe(), "lm_eval": raw and {"results": raw.get("results"), "groups": raw.get("groups")}}  # fmt: skip
+    print(json.dumps(metrics, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from autoq import pipeline
+    from autoq.sensitivity import ScoringOptions
+    from autoq.sweep import SweepConfig, run_sweep
+
+    baselines = [b.strip().lower() for b in args.baselines.split(",") if b.strip()]
+    unknown = set(baselines) - {"bf16", "fp8", "w4a8", "nvfp4", "modelopt"}
+    if unknown:
+        raise AutoqError(f"unknown baselines {sorted(unknown)}; choose from bf16, fp8, w4a8, nvfp4, modelopt")
+    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
+    if work.synthetic:
+        pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
+    options = ScoringOptions(objective=args.objective, batch_size=args.batch_size, device=args.device,
+                             stream_blocks=args.stream_blocks, chunk_batches=args.chunk_batches, progress=not args.no_progress)  # fmt: skip
+    scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
+    config = SweepConfig(
+        budgets=args.bits, tasks=_tasks(args.tasks), baselines=baselines, eval_samples=args.eval_samples,
+        mmlu_dir=str(args.mmlu_dir) if args.mmlu_dir else None, few_shot=args.num_fewshot, limit=args.limit,
+        batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints,
+    )  # fmt: skip
+    table = run_sweep(work, scores, config, args.out, args.dtype, options.device or _default_device(), args.objective, not args.no_progress)
+    columns = [c for c in ["method", "budget_bits", "searched_bits", "size_bytes", "ppl", "kl", "mmlu_acc"] if c in table]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
+    pipeline.log(f"wrote {args.out}/ (results.csv, results.parquet, plans/, rows/)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autoq import pipeline
+    from autoq.report import write_report
+
+    out = args.out or Path("reports") / args.sweep.resolve().name
+    write_report(args.sweep, out, overwrite=args.overwrite)
+    pipeline.log(f"wrote {out}/ (report.md, report.html, plots)")
     return 0
 
 

@@ -83,24 +83,34 @@ class Format:
             return False
         return not (self.activation == "nvfp4" and in_features % 16)
 
-    def quantize_weight(self, weight: torch.Tensor, pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def smooth(weight: torch.Tensor, pre_quant_scale: torch.Tensor | None) -> torch.Tensor:
+        """``W / p`` per input channel, in float32 then back to the weight dtype (as ModelOpt folds it)."""
+        if pre_quant_scale is None:
+            return weight
+        return (weight.float() * (1.0 / pre_quant_scale.float())).to(weight.dtype)
+
+    def quantize_weight(
+        self, weight: torch.Tensor, pre_quant_scale: torch.Tensor | None = None, tensor_amax: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fake-quantized weight as ModelOpt computes it after max (and AWQ) calibration.
 
         ``pre_quant_scale`` is AWQ's per-input-channel activation multiplier ``p`` (ModelOpt's
         ``input_quantizer.pre_quant_scale``): the weight is smoothed to ``W / p`` before it is
         quantized, and the activation is multiplied by ``p`` (see ``quantize_input``).
+        ``tensor_amax`` overrides the per-tensor amax (FP8 scale, NVFP4 global scale, W4A8's FP8
+        stage): the exporter sets it to the maximum over layers a runtime fuses.
         """
-        w = weight
-        if pre_quant_scale is not None:
-            w = (weight.float() * (1.0 / pre_quant_scale.float())).to(weight.dtype)
+        w = self.smooth(weight, pre_quant_scale)
+        amax = w.abs().amax().float() if tensor_amax is None else tensor_amax.float()
         if self.weight == "fp8":
-            return fakequant.fp8_e4m3(w, w.abs().amax().float())
+            return fakequant.fp8_e4m3(w, amax)
         if self.weight == "nvfp4":
-            return fakequant.nvfp4(w, w.abs().amax().float(), self.weight_block)
+            return fakequant.nvfp4(w, amax, self.weight_block)
         if self.weight == "int4":
             q = fakequant.int_block(w, fakequant.int_block_amax(w, self.weight_block), 4, self.weight_block)
             if self.activation == "fp8":  # W4A8: INT4 values re-expressed on a per-tensor FP8 grid
-                q = fakequant.fp8_e4m3(q, w.abs().amax().float())
+                q = fakequant.fp8_e4m3(q, amax)
             return q
         return weight
 

@@ -62,12 +62,18 @@ class ScoringOptions:
     chunk_batches: int | None = None  # batches scored per pass; None: from ``store_budget_gib``
     store_budget_gib: float = 2.0
     awq_tokens: int = 4096  # calibration tokens sampled per layer for the AWQ scale search
+    # Score fused layers (shared input) with the shared scales ModelOpt's export gives them.
+    # False reproduces mtq.auto_quantize's per-layer scales exactly.
+    export_fused_scales: bool = True
     seed: int = 0
     progress: bool = True
 
     def cache_key_parts(self) -> dict[str, Any]:
         """What changes the scores (devices, streaming and chunking do not)."""
-        return {"objective": self.objective, "batch_size": self.batch_size, "awq_tokens": self.awq_tokens, "seed": self.seed}
+        return {
+            "objective": self.objective, "batch_size": self.batch_size, "awq_tokens": self.awq_tokens,
+            "seed": self.seed, "export_fused_scales": self.export_fused_scales,
+        }  # fmt: skip
 
 
 @dataclass
@@ -381,19 +387,29 @@ class SensitivityEngine:
         normed.backward(leaf.grad)
 
     def _prepare(self, targets: list[_Target], stats: dict[str, _Stats]) -> dict[str, list[_Prepared]]:
-        prepared = {}
+        """Quantized weights of one block, as the exporter will store them.
+
+        Linears that read one input are fused at runtime, and ModelOpt's export makes them agree
+        first: AWQ pre-scales averaged, per-tensor weight amax (FP8 scale, NVFP4 global scale)
+        set to the group maximum. Scores are taken with those shared values.
+        """
+        fused: dict[str | None, list[_Target]] = defaultdict(list)
+        for target in targets:
+            fused[stats[target.name].shared_input if self.options.export_fused_scales else target.name].append(target)
+        prepared: dict[str, list[_Prepared]] = {t.name: [] for t in targets}
         with torch.no_grad():
-            for target in targets:
-                s = stats[target.name]
-                prepared[target.name] = [
-                    _Prepared(
-                        fmt=fmt,
-                        qweight=fmt.quantize_weight(target.module.weight, s.pre_quant_scale.get(fmt.name)),
-                        pre_quant_scale=s.pre_quant_scale.get(fmt.name),
-                        channel_amax=s.channel_amax,
-                    )
-                    for fmt in target.formats
-                ]
+            for members in fused.values():
+                for fmt in dict.fromkeys(f for t in members for f in t.formats):
+                    sharing = [t for t in members if fmt in t.formats]
+                    pre_quant_scale = None
+                    if fmt.awq:
+                        pre_quant_scale = torch.stack([stats[t.name].pre_quant_scale[fmt.name] for t in sharing]).mean(0)
+                    tensor_amax = torch.stack(
+                        [fmt.smooth(t.module.weight, pre_quant_scale).abs().amax().float() for t in sharing]
+                    ).amax()
+                    for t in sharing:
+                        qweight = fmt.quantize_weight(t.module.weight, pre_quant_scale, tensor_amax)
+                        prepared[t.name].append(_Prepared(fmt, qweight, pre_quant_scale, stats[t.name].channel_amax))
         return prepared
 
     @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from autoq.cache import ScoreCache
 from autoq.data import load_tokens
 from autoq.formats import FORMATS
-from autoq.model import DecoderStructure, ModelSource, load_model, load_tokenizer
+from autoq.model import DecoderStructure, ModelSource, load_model, load_tokenizer, shared_input_readers
 from autoq.search_space import parse_search_space, select_layers
 from autoq.sensitivity import ScoringOptions, SensitivityEngine
 
@@ -38,7 +38,11 @@ def _scores(model, choices, batches, cache: ScoreCache | None = None, **options)
 
 
 def test_engine_computes_the_definition(tiny_llama: Path) -> None:
-    """Block-wise recompute == one plain full-model backward with the score taken at each output."""
+    """Block-wise recompute == one plain full-model backward with the score taken at each output.
+
+    Layers reading one input share their per-tensor weight amax (the group maximum), as
+    ModelOpt's export stores them.
+    """
     model, choices, batches = _setup(tiny_llama, "NVFP4, FP8, BF16", lm_head=True)
     ours = _scores(model, choices, batches)
 
@@ -54,6 +58,9 @@ def test_engine_computes_the_definition(tiny_llama: Path) -> None:
     for h in hooks:
         h.remove()
 
+    readers = shared_input_readers(model, names, batches[0][:1])
+    weight_amax = {n: max(modules[m].weight.abs().amax().float() for m in names if readers[m] == readers[n]) for n in names}
+    assert weight_amax["model.layers.0.self_attn.k_proj"] == weight_amax["model.layers.0.self_attn.q_proj"]
     reference = {(n, f): 0.0 for n in names for f in ("NVFP4", "FP8")}
     model.get_input_embeddings().weight.requires_grad_(True)  # so activations carry gradients
     for ids in batches:
@@ -71,7 +78,8 @@ def test_engine_computes_the_definition(tiny_llama: Path) -> None:
             for n, (x, y) in seen.items():
                 for f in ("NVFP4", "FP8"):
                     fmt = FORMATS[f]
-                    diff = F.linear(fmt.quantize_input(x, amax[n]), fmt.quantize_weight(modules[n].weight), modules[n].bias) - y
+                    qweight = fmt.quantize_weight(modules[n].weight, tensor_amax=weight_amax[n])
+                    diff = F.linear(fmt.quantize_input(x, amax[n]), qweight, modules[n].bias) - y
                     reference[(n, f)] += (y.grad.float() * diff.float()).square().sum().item()
     model.get_input_embeddings().weight.requires_grad_(False)
     reference = pd.Series(reference)
@@ -85,7 +93,7 @@ def test_fp8_scores_equal_modelopt_auto_quantize(tiny_llama: Path) -> None:
     """Same loss, same max calibration, same FP8 numerics: ModelOpt's gradient scores, to float precision."""
     mtq = pytest.importorskip("modelopt.torch.quantization")
     model, choices, batches = _setup(tiny_llama, "FP8, BF16")
-    ours = _scores(model, choices, batches).xs("FP8", level="format")
+    ours = _scores(model, choices, batches, export_fused_scales=False).xs("FP8", level="format")
     reference_model = load_model(ModelSource(tiny_llama, "tiny"))
     _, state = mtq.auto_quantize(
         reference_model, constraints={"effective_bits": 15.0}, quantization_formats=["FP8_DEFAULT_CFG"],

@@ -1,0 +1,1 @@
+"""Plans to and from other quantization tools (ModelOpt, llm-compressor, AMD Quark, vLLM)."""

@@ -1,0 +1,225 @@
+"""Sweeps: autoq plans at several budgets next to baselines, all evaluated the same way.
+
+Rows: BF16; uniform FP8 / W4A8 / NVFP4 (every searched layer in one format where it fits);
+ModelOpt ``auto_quantize`` at the same honest bits as each autoq budget; and autoq at each
+budget. Every quantized row is applied with ``autoq.apply`` (ModelOpt calibration on the same
+calibration batches), evaluated against the BF16 model on held-out tokens (and lm-eval tasks),
+then exported once to measure its checkpoint size and stored bits.
+
+A sweep directory is a resumable workspace: each finished row is ``rows/<row>.json`` (written
+atomically), and a rerun skips finished rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoq.apply import apply_plan, export_checkpoint
+from autoq.cache import _atomic_write
+from autoq.errors import AutoqError
+from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
+from autoq.formats import FORMATS
+from autoq.plan import LayerPlan, Plan, creation_info
+from autoq.search_space import LayerChoice
+
+UNIFORM_BASELINES = ("FP8", "W4A8", "NVFP4")
+
+
+@dataclass
+class SweepConfig:
+    budgets: list[float]
+    tasks: list[str] = field(default_factory=lambda: list(PROXY_TASKS))
+    baselines: list[str] = field(default_factory=lambda: ["bf16", "fp8", "w4a8", "nvfp4", "modelopt"])
+    eval_samples: int = 32
+    mmlu_dir: str | None = None
+    few_shot: int | None = None
+    limit: int | None = None
+    batch_size: int = 4
+    keep_checkpoints: bool = False
+
+
+@dataclass
+class Row:
+    """One sweep row: a method at a budget, and the layer formats it evaluates."""
+
+    id: str
+    method: str
+    budget: float | None
+    formats: dict[str, str]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def uniform_formats(choices: list[LayerChoice], fmt: str) -> dict[str, str]:
+    """Every searched layer in ``fmt`` where its shape allows, else BF16 (a pinned layer keeps its pin)."""
+    return {
+        c.name: c.candidates[0] if len(c.candidates) == 1 else (fmt if FORMATS[fmt].supports(c.out_features, c.in_features) else "BF16")
+        for c in choices
+    }
+
+
+def searched_bits(formats: dict[str, str], choices: list[LayerChoice]) -> float:
+    total = sum(FORMATS[formats.get(c.name, "BF16")].storage_bits(c.out_features, c.in_features) for c in choices)
+    return total / sum(c.params for c in choices)
+
+
+def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt_state: dict | None) -> list[Row]:
+    rows = []
+    if "bf16" in config.baselines:
+        rows.append(Row("bf16", "BF16", None, {c.name: "BF16" for c in work.choices}))
+    for fmt in UNIFORM_BASELINES:
+        if fmt.lower() in config.baselines:
+            rows.append(Row(f"uniform-{fmt}", f"uniform {fmt}", None, uniform_formats(work.choices, fmt)))
+    shapes = {c.name: (c.out_features, c.in_features) for c in work.choices}
+    for plan in plans:
+        budget = plan.budget["effective_bits"]
+        rows.append(Row(f"autoq-{budget:g}", "autoq", budget, plan.formats()))
+        if modelopt_state is not None:
+            from autoq.interop.modelopt import formats_at_honest_bits
+
+            formats, nominal = formats_at_honest_bits(modelopt_state, shapes, budget)
+            rows.append(Row(f"modelopt-{budget:g}", "ModelOpt auto_quantize", budget, formats, {"modelopt_nominal_bits": nominal}))
+    return rows
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def evaluate_row(
+    row: Row,
+    reference: nn.Module,
+    tokenizer,
+    calib_batches: list[torch.Tensor],
+    heldout_batches: list[torch.Tensor],
+    config: SweepConfig,
+    checkpoint_dir: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Quantize a copy of ``reference`` as the row says, evaluate it, export it; one result record."""
+    start = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    quantized = any(FORMATS[f].quantized for f in row.formats.values())
+    model = copy.deepcopy(reference)
+    if quantized:
+        apply_plan(model, row.formats, calib_batches, progress=progress)
+    metrics: dict[str, Any] = {}
+    if "ppl" in config.tasks:
+        metrics["ppl"] = perplexity(model, heldout_batches)
+    if "kl" in config.tasks:
+        metrics["kl"] = mean_kl(reference, model, heldout_batches) if quantized else 0.0
+    lm_tasks = [t for t in config.tasks if t not in PROXY_TASKS]
+    if lm_tasks:
+        results = run_lm_eval(
+            model, tokenizer, lm_tasks, mmlu_dir=config.mmlu_dir, few_shot=config.few_shot, limit=config.limit,
+            batch_size=config.batch_size,
+        )  # fmt: skip
+        metrics.update(summarize_lm_eval(results))
+    plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info())
+    with tempfile.TemporaryDirectory(prefix="autoq-export-") as tmp:
+        target = checkpoint_dir or Path(tmp) / "checkpoint"
+        if quantized:
+            report = export_checkpoint(model, tokenizer, plan, target, overwrite=True)
+            stored_bits = report.effective_bits
+        else:
+            model.save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+            stored_bits = 16.0
+        size_bytes = _dir_bytes(target)
+    del model
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "row": row.id, "method": row.method, "budget_bits": row.budget,
+        "formats": {fmt: int(n) for fmt, n in pd.Series(row.formats).value_counts().items()},
+        "size_bytes": size_bytes, "stored_bits": stored_bits,
+        **metrics, "wall_seconds": time.perf_counter() - start, "peak_cuda_gib": peak,
+        "device": str(next(reference.parameters()).device), **row.notes,
+    }  # fmt: skip
+
+
+def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: str, objective: str, progress: bool) -> pd.DataFrame:
+    """Run (or resume) a sweep into ``out``; returns the results table."""
+    from autoq.data import load_tokens
+    from autoq.pipeline import ensure_model, make_plans
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows").mkdir(exist_ok=True)
+    (out / "plans").mkdir(exist_ok=True)
+    scores.table.to_parquet(out / "scores.parquet", index=False)
+    plans, curve = make_plans(work, scores, config.budgets, objective)
+    curve.to_csv(out / "frontier.csv", index=False)
+    reference = ensure_model(work, dtype, device)
+    reference.requires_grad_(False)
+    calib_batches = work.calibration.batches(config.batch_size)
+    samples = work.calibration.tokens.shape[0]
+    heldout = load_tokens(work.calibration.source, work.tokenizer, config.eval_samples, work.calibration.tokens.shape[1],
+                          skip_samples=samples, purpose="held-out evaluation")  # fmt: skip
+    heldout_batches = heldout.batches(config.batch_size)
+
+    modelopt_state = None
+    if "modelopt" in config.baselines:
+        modelopt_state = _modelopt_state(work, reference, calib_batches, config, out)
+    rows = build_rows(work, plans, config, modelopt_state)
+    info = {
+        "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
+        "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
+        "rows": [r.id for r in rows], "created": creation_info(),
+    }  # fmt: skip
+    _atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
+    for plan in plans:
+        plan.save(out / "plans" / f"autoq-{plan.budget['effective_bits']:g}.json")
+    for row in tqdm(rows, desc="autoq sweep", disable=not progress):
+        path = out / "rows" / f"{row.id}.json"
+        if path.is_file():
+            continue
+        if row.method != "autoq":
+            Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}).save(out / "plans" / f"{row.id}.json")
+        keep = out / "checkpoints" / row.id if config.keep_checkpoints else None
+        record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout_batches, config, keep, progress)
+        record["searched_bits"] = searched_bits(row.formats, work.choices)
+        _atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=2, default=float)))
+    table = collect_results(out)
+    info["complete"] = len(table) == len(rows)
+    _atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
+    return table
+
+
+def _modelopt_state(work, reference: nn.Module, calib_batches: list[torch.Tensor], config: SweepConfig, out: Path) -> dict | None:
+    """Run ModelOpt's search once (its state re-solves for every budget)."""
+    from autoq.interop.modelopt import run_auto_quantize
+
+    if "NVFP4" in work.space.formats and not torch.cuda.is_available():
+        (out / "modelopt_skipped.txt").write_text("ModelOpt auto_quantize needs CUDA for NVFP4 fake quantization\n")
+        return None
+    model = copy.deepcopy(reference)
+    # Scores do not depend on the budget; 16 nominal bits is always feasible, and every row's
+    # plan is then re-solved from this state at matched honest bits.
+    state, seconds = run_auto_quantize(model, [c.name for c in work.choices], list(work.space.formats), calib_batches, 16.0)
+    del model
+    _atomic_write(out / "modelopt_search.json", lambda p: p.write_text(json.dumps({"seconds": seconds})))
+    return state
+
+
+def collect_results(out: Path) -> pd.DataFrame:
+    """The results table from every finished row (CSV and parquet next to them)."""
+    records = [json.loads(p.read_text()) for p in sorted((Path(out) / "rows").glob("*.json"))]
+    if not records:
+        raise AutoqError(f"{out} has no finished sweep rows")
+    table = pd.DataFrame(records)
+    table["formats"] = table["formats"].map(lambda f: ", ".join(f"{k}:{v}" for k, v in sorted(f.items())))
+    first = ["row", "method", "budget_bits", "searched_bits", "stored_bits", "size_bytes"]
+    table = table[first + [c for c in table.columns if c not in first]].sort_values(["method", "searched_bits"])
+    _atomic_write(Path(out) / "results.csv", lambda p: table.to_csv(p, index=False))
+    _atomic_write(Path(out) / "results.parquet", lambda p: table.to_parquet(p, index=False))
+    return table

@@ -1,0 +1,1 @@
+"""lm-eval task configs shipped with autoq (YAML data, package ``autoq.evals``)."""

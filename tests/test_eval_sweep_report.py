@@ -1,0 +1,161 @@
+"""autoq eval / sweep / report on a tiny model: lm-eval MMLU offline, proxies, baselines, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from autoq.cli import main
+
+FAST = ["--calib-samples", "8", "--seq-len", "64", "--eval-samples", "8", "--no-progress"]
+SUBJECTS = ("abstract_algebra", "world_religions", "college_physics")
+
+
+@pytest.fixture(scope="module")
+def mmlu_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A miniature MMLU in the original layout: <split>/<subject>_<split>.csv, no header."""
+    root = tmp_path_factory.mktemp("mmlu")
+    for split, rows in (("dev", 5), ("val", 2), ("test", 6)):
+        (root / split).mkdir()
+        for subject in SUBJECTS:
+            with open(root / split / f"{subject}_{split}.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                for i in range(rows):
+                    writer.writerow([f"{subject} question {i}, with a comma?", f"one {i}", f"two, {i}", f"three {i}", f"four {i}", "ABCD"[i % 4]])
+    return root
+
+
+def _plan(tmp_path: Path, fmt: str, layers: list[str]) -> Path:
+    path = tmp_path / f"plan-{fmt}.json"
+    path.write_text(json.dumps({"schema": "autoq.plan", "version": 1, "layers": {n: {"format": fmt} for n in layers}}))
+    return path
+
+
+LAYERS = [f"model.layers.{b}.{m}" for b in (0, 1) for m in
+          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+
+
+def _eval(model: Path, out: Path, *extra: str) -> dict:
+    assert main(["eval", "--model", str(model), "--out", str(out), *FAST, *extra]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("few_shot", [5, 0])
+def test_eval_runs_lm_eval_mmlu_from_local_csvs(tiny_llama: Path, mmlu_dir: Path, tmp_path: Path, few_shot: int) -> None:
+    result = _eval(tiny_llama, tmp_path / "r.json", "--tasks", "mmlu", "--mmlu-dir", str(mmlu_dir),
+                   "--num-fewshot", str(few_shot), "--limit", "4")  # fmt: skip
+    raw = result["lm_eval"]["results"]
+    assert {f"autoq_mmlu_{s}" for s in SUBJECTS} <= set(raw)
+    for subject in SUBJECTS:
+        assert 0.0 <= raw[f"autoq_mmlu_{subject}"]["acc,none"] <= 1.0
+    assert 0.0 <= result["metrics"]["mmlu_acc"] <= 1.0
+    assert result["lm_eval"]["groups"]["autoq_mmlu"]["acc,none"] == pytest.approx(result["metrics"]["mmlu_acc"])
+
+
+def test_bf16_plan_is_lossless_and_quantized_plans_are_not(tiny_llama: Path, tmp_path: Path) -> None:
+    reference = _eval(tiny_llama, tmp_path / "ref.json")["metrics"]
+    bf16 = _eval(tiny_llama, tmp_path / "bf16.json", "--plan", str(_plan(tmp_path, "BF16", LAYERS)))["metrics"]
+    assert bf16["kl"] == 0.0 and bf16["ppl"] == reference["ppl"]
+    for fmt in ("NVFP4", "W4A8"):
+        quantized = _eval(tiny_llama, tmp_path / f"{fmt}.json", "--plan", str(_plan(tmp_path, fmt, LAYERS)))["metrics"]
+        assert quantized["kl"] > 0 and quantized["ppl"] != reference["ppl"], fmt
+
+
+BUDGETS = (4.6, 6.0)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    argv = ["sweep", "--model", str(tiny_llama), "--space", "fp8_w4a8", "--bits", ",".join(map(str, BUDGETS)), "--out", str(out), *FAST]
+    assert main(argv) == 0
+    return out
+
+
+def test_sweep_has_every_budget_and_baseline(sweep_dir: Path) -> None:
+    results = pd.read_csv(sweep_dir / "results.csv")
+    expected = {"bf16", "uniform-FP8", "uniform-W4A8", "uniform-NVFP4"} | {f"autoq-{b:g}" for b in BUDGETS} | {f"modelopt-{b:g}" for b in BUDGETS}
+    assert set(results.row) == expected and len(results) == len(expected)
+    assert (results.size_bytes > 0).all()
+    bf16 = results.set_index("row").loc["bf16"]
+    assert bf16.kl == 0 and bf16.searched_bits == 16
+    for budget in BUDGETS:
+        for method in ("autoq", "modelopt"):
+            assert results.set_index("row").loc[f"{method}-{budget:g}"].searched_bits <= budget
+    # Checkpoint sizes follow the stored bit counts (up to safetensors header bytes).
+    for _, a in results.iterrows():
+        for _, b in results.iterrows():
+            if a.stored_bits < b.stored_bits - 0.05:
+                assert a.size_bytes < b.size_bytes, (a.row, b.row)
+
+
+def test_autoq_beats_uniform_lowest_format_at_same_or_more_bits(sweep_dir: Path) -> None:
+    results = pd.read_csv(sweep_dir / "results.csv").set_index("row")
+    uniform = results.loc["uniform-W4A8"]
+    for budget in BUDGETS:
+        autoq = results.loc[f"autoq-{budget:g}"]
+        assert autoq.searched_bits >= uniform.searched_bits
+        assert autoq.kl <= uniform.kl
+
+
+def test_sweep_resumes_from_finished_rows(sweep_dir: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autoq.sweep
+
+    finished = sorted(p.name for p in (sweep_dir / "rows").glob("*.json"))
+    (sweep_dir / "rows" / "autoq-6.json").unlink()  # as if killed before this row finished
+    evaluated = []
+    original = autoq.sweep.evaluate_row
+    monkeypatch.setattr(autoq.sweep, "evaluate_row", lambda row, *a, **k: (evaluated.append(row.id), original(row, *a, **k))[1])
+    argv = ["sweep", "--model", str(tiny_llama), "--space", "fp8_w4a8", "--bits", ",".join(map(str, BUDGETS)), "--out", str(sweep_dir), *FAST]
+    assert main(argv) == 0
+    assert evaluated == ["autoq-6"]
+    assert sorted(p.name for p in (sweep_dir / "rows").glob("*.json")) == finished
+
+
+class _Tables(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+
+def test_report_plots_and_html_table_match_the_csv(sweep_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(sweep_dir), "--out", str(out)]) == 0
+    for png in ("ppl_vs_bits.png", "kl_vs_bits.png", "format_map.png", "sensitivity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"{png}" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    parser = _Tables()
+    parser.feed(page)
+    header, *body = parser.rows
+    csv_table = pd.read_csv(out / "results.csv")
+    assert header == list(csv_table.columns)
+    assert len(body) == len(csv_table) == len(pd.read_csv(sweep_dir / "results.csv"))
+    for cells, (_, row) in zip(body, csv_table.iterrows()):
+        for cell, value in zip(cells, row):
+            if isinstance(value, float):
+                assert (cell == "" and pd.isna(value)) or float(cell) == pytest.approx(value, rel=1e-5)
+            else:
+                assert cell == str(value)
