@@ -8,13 +8,15 @@ temporary directory that is verified (``autoq.verify``) before it is renamed int
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from autoq import fakequant
 from autoq.errors import AutoqError, atomic_output_dir
@@ -22,6 +24,15 @@ from autoq.formats import FORMATS
 from autoq.model import shared_input_readers
 from autoq.plan import Plan
 from autoq.verify import VerifyReport, verify_checkpoint
+
+
+@contextlib.contextmanager
+def modelopt_quietly() -> Iterator[None]:
+    """ModelOpt prints progress chatter ("Inserted N quantizers", awq_lite steps) on stdout and warns
+    about untested transformers versions; keep stdout for results and drop that noise."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def modelopt_config(formats: dict[str, str]) -> dict:
@@ -108,8 +119,7 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
     check_plan_fits_model(model, formats, batches[0][:1, :64].to(device))
     awq = {n: f for n, f in formats.items() if FORMATS[f].calibration == "awq_lite"}
     rest = {n: f for n, f in formats.items() if n not in awq}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with modelopt_quietly():
         if not awq:
             mtq.quantize(model, modelopt_config(rest), _forward_loop(batches, device, "calibrating (max)", progress))
             return _as_exported(model)
@@ -143,8 +153,7 @@ def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, ov
 
     dtype = next(model.parameters()).dtype
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with modelopt_quietly():
             export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "autoq_plan.json")

@@ -100,6 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="report directory (default: reports/<sweep name>)")
     report.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
     report.set_defaults(func=cmd_report)
+
+    plan = commands.add_parser("plan", help="inspect, compare, convert and import plans")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_commands.add_parser("show", help="table of layers, formats, params and bits, with totals")
+    show.add_argument("plan", type=Path)
+    show.set_defaults(func=cmd_plan_show)
+    diff = plan_commands.add_parser("diff", help="layers whose format differs between two plans")
+    diff.add_argument("a", type=Path)
+    diff.add_argument("b", type=Path)
+    diff.set_defaults(func=cmd_plan_diff)
+    convert = plan_commands.add_parser("convert", help="the plan as another tool's config (stdout, or --out)")
+    convert.add_argument("plan", type=Path)
+    convert.add_argument("--to", required=True, choices=["modelopt", "llmcompressor", "quark"])
+    convert.add_argument("--out", type=Path, default=None)
+    convert.set_defaults(func=cmd_plan_convert)
+    imp = plan_commands.add_parser("import", help="a plan from a ModelOpt checkpoint (hf_quant_config.json / config.json)")
+    imp.add_argument("checkpoint", type=Path)
+    imp.add_argument("--out", type=Path, default=None, help="write plan.json here (default: stdout)")
+    imp.set_defaults(func=cmd_plan_import)
+
+    verify = commands.add_parser("verify", help="check a checkpoint's tensors, scales and config (exit 1 on problems)")
+    verify.add_argument("checkpoint", type=Path)
+    verify.add_argument("--model", type=Path, default=None, help="BF16 model directory: report per-layer relative error")
+    verify.add_argument("--runtime", choices=["vllm"], default=None, help="also check a runtime's loader accepts it")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -280,6 +305,127 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or Path("reports") / args.sweep.resolve().name
     write_report(args.sweep, out, overwrite=args.overwrite)
     pipeline.log(f"wrote {out}/ (report.md, report.html, plots)")
+    return 0
+
+
+def _layer_table(plan) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = [{"layer": n, "format": l.format, "params": l.params, "bits": l.bits} for n, l in plan.layers.items()]
+    return pd.DataFrame(rows)
+
+
+def cmd_plan_show(args: argparse.Namespace) -> int:
+    from autoq.plan import load_plan
+
+    plan = load_plan(args.plan)
+    table = _layer_table(plan)
+    print(table.to_string(index=False))
+    known = table.dropna(subset=["params", "bits"])
+    if len(known):
+        print(f"# {len(table)} layers, {int(known.params.sum())} params, {int(known.bits.sum())} bits: "
+              f"{known.bits.sum() / known.params.sum():.4f} effective bits")  # fmt: skip
+    print("# " + ", ".join(f"{fmt}: {count}" for fmt, count in table.format.value_counts().items()))
+    return 0
+
+
+def cmd_plan_diff(args: argparse.Namespace) -> int:
+    from autoq.plan import load_plan
+
+    a, b = load_plan(args.a), load_plan(args.b)
+    rows = []
+    for name in sorted(set(a.layers) | set(b.layers)):
+        la, lb = a.layers.get(name), b.layers.get(name)
+        if la is None or lb is None or la.format != lb.format:
+            rows.append({"layer": name, "a": la.format if la else "-", "b": lb.format if lb else "-",
+                         "bits_a": la.bits if la else None, "bits_b": lb.bits if lb else None})  # fmt: skip
+    import pandas as pd
+
+    print(pd.DataFrame(rows, columns=["layer", "a", "b", "bits_a", "bits_b"]).to_string(index=False) if rows else "# identical formats")
+    for label, plan in (("a", a), ("b", b)):
+        bits = plan.achieved.get("searched_effective_bits")
+        print(f"# {label}: {len(plan.layers)} layers" + (f", {bits:.4f} effective bits" if bits is not None else ""))
+    print(f"# {len(rows)} layer(s) differ")
+    return 0
+
+
+def cmd_plan_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from autoq.plan import load_plan
+
+    formats = load_plan(args.plan).formats()
+    if args.to == "modelopt":
+        from autoq.interop.modelopt import to_modelopt
+
+        text = json.dumps(to_modelopt(formats), indent=2)
+    elif args.to == "llmcompressor":
+        from autoq.interop.llmcompressor import to_llmcompressor
+
+        text = to_llmcompressor(formats)
+    else:
+        from autoq.interop.quark import to_quark
+
+        text = json.dumps(to_quark(formats), indent=2)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def cmd_plan_import(args: argparse.Namespace) -> int:
+    from autoq.formats import FORMATS
+    from autoq.interop.modelopt import plan_formats_from_checkpoint
+    from autoq.plan import LayerPlan, Plan, creation_info
+    from autoq.verify import logical_shape, read_headers
+
+    formats = plan_formats_from_checkpoint(args.checkpoint)
+    headers = read_headers(args.checkpoint)
+    layers = {}
+    for name, fmt in formats.items():
+        shape = headers.get(f"{name}.weight")
+        if shape is None:  # e.g. a tied lm_head stored only as the embedding
+            continue
+        out_f, in_f = logical_shape(FORMATS[fmt], shape.shape)
+        layers[name] = LayerPlan(format=fmt, params=out_f * in_f, bits=FORMATS[fmt].storage_bits(out_f, in_f))
+    plan = Plan(layers=layers, model={"id": str(args.checkpoint)}, created={**creation_info(), "imported_from": str(args.checkpoint)})
+    if args.out is None:
+        import json
+
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        plan.save(args.out)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from autoq.checkpoint import checkpoint_formats
+    from autoq.verify import read_quant_config, reference_errors, verify_checkpoint
+
+    formats = checkpoint_formats(args.checkpoint)
+    report = verify_checkpoint(args.checkpoint, formats)
+    problems = list(report.problems)
+    if args.runtime == "vllm":
+        from autoq.interop.vllm import vllm_problems
+
+        config = json.loads((args.checkpoint / "config.json").read_text()) if (args.checkpoint / "config.json").is_file() else {}
+        problems += [f"vllm: {p}" for p in vllm_problems(read_quant_config(args.checkpoint), config.get("quantization_config"))]
+    errors = reference_errors(args.checkpoint, formats, args.model) if args.model else {}
+    for name, fmt in formats.items():
+        line = f"{name:60s} {fmt:9s} {report.layer_bits.get(name, 0) / max(1, report.layer_params.get(name, 1)):6.3f} bits"
+        if name in errors:
+            line += f"  rel.err {errors[name]:.4f}"
+        print(line)
+    print(f"# {len(formats)} quantized layers, {report.effective_bits:.4f} bits per weight as stored")
+    for problem in problems:
+        print(f"autoq: verify: {problem}", file=sys.stderr)
+    if problems:
+        print(f"autoq: verify: {len(problems)} problem(s) in {args.checkpoint}", file=sys.stderr)
+        return 1
+    print(f"# {args.checkpoint}: OK")
     return 0
 
 

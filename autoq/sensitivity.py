@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from autoq import awq
 from autoq.cache import ScoreCache

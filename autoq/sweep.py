@@ -23,9 +23,10 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from autoq.apply import apply_plan, export_checkpoint
+from autoq.checkpoint import load_fake_quant_model
 from autoq.cache import _atomic_write
 from autoq.errors import AutoqError
 from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
@@ -106,14 +107,37 @@ def evaluate_row(
     checkpoint_dir: Path | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Quantize a copy of ``reference`` as the row says, evaluate it, export it; one result record."""
+    """Quantize a copy of ``reference`` as the row says, export it, and evaluate the exported
+    checkpoint as a runtime computes it (``load_fake_quant_model``): one result record."""
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     quantized = any(FORMATS[f].quantized for f in row.formats.values())
-    model = copy.deepcopy(reference)
-    if quantized:
-        apply_plan(model, row.formats, calib_batches, progress=progress)
+    device = next(reference.parameters()).device
+    with tempfile.TemporaryDirectory(prefix="autoq-export-") as tmp:
+        target = checkpoint_dir or Path(tmp) / "checkpoint"
+        if quantized:
+            model = apply_plan(copy.deepcopy(reference), row.formats, calib_batches, progress=progress)
+            plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info())
+            stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
+            del model
+            model = load_fake_quant_model(target, device=device)
+        else:
+            reference.save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+            stored_bits, model = 16.0, reference
+        size_bytes = _dir_bytes(target)
+        metrics = _metrics(model, reference, quantized, tokenizer, heldout_batches, config)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "row": row.id, "method": row.method, "budget_bits": row.budget,
+        "formats": {fmt: int(n) for fmt, n in pd.Series(row.formats).value_counts().items()},
+        "size_bytes": size_bytes, "stored_bits": stored_bits,
+        **metrics, "wall_seconds": time.perf_counter() - start, "peak_cuda_gib": peak, "device": str(device), **row.notes,
+    }  # fmt: skip
+
+
+def _metrics(model: nn.Module, reference: nn.Module, quantized: bool, tokenizer, heldout_batches, config: SweepConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if "ppl" in config.tasks:
         metrics["ppl"] = perplexity(model, heldout_batches)
@@ -126,26 +150,7 @@ def evaluate_row(
             batch_size=config.batch_size,
         )  # fmt: skip
         metrics.update(summarize_lm_eval(results))
-    plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info())
-    with tempfile.TemporaryDirectory(prefix="autoq-export-") as tmp:
-        target = checkpoint_dir or Path(tmp) / "checkpoint"
-        if quantized:
-            report = export_checkpoint(model, tokenizer, plan, target, overwrite=True)
-            stored_bits = report.effective_bits
-        else:
-            model.save_pretrained(target, safe_serialization=True)
-            tokenizer.save_pretrained(target)
-            stored_bits = 16.0
-        size_bytes = _dir_bytes(target)
-    del model
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return {
-        "row": row.id, "method": row.method, "budget_bits": row.budget,
-        "formats": {fmt: int(n) for fmt, n in pd.Series(row.formats).value_counts().items()},
-        "size_bytes": size_bytes, "stored_bits": stored_bits,
-        **metrics, "wall_seconds": time.perf_counter() - start, "peak_cuda_gib": peak,
-        "device": str(next(reference.parameters()).device), **row.notes,
-    }  # fmt: skip
+    return metrics
 
 
 def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: str, objective: str, progress: bool) -> pd.DataFrame:

@@ -1,6 +1,13 @@
 """Checkpoint verification: does an exported checkpoint carry what its formats require?
 
-Reads only safetensors headers (dtypes and shapes), shard by shard, and the quantization config.
+Structure comes from safetensors headers (dtypes and shapes) and the quantization config; the
+only tensor data read are the small scale tensors (checked finite and positive) and, for the
+dequantization report, one layer at a time. Shards are read one by one, so a checkpoint larger
+than memory verifies.
+
+The artifact contract (after ModelOpt's experimental quantization package): config.json, the
+quantization metadata (hf_quant_config.json; config.json's quantization_config), safetensors
+shards (with model.safetensors.index.json when sharded) and tokenizer files.
 """
 
 from __future__ import annotations
@@ -10,10 +17,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from autoq.errors import AutoqError
 from autoq.formats import DTYPE_BITS, FORMATS, Format
+
+_SCALES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class TensorInfo:
 def read_headers(checkpoint: Path) -> dict[str, TensorInfo]:
     """Name -> dtype/shape of every tensor in a (possibly sharded) safetensors checkpoint."""
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise AutoqError(f"checkpoint {checkpoint} is not a directory")
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -35,6 +48,8 @@ def read_headers(checkpoint: Path) -> dict[str, TensorInfo]:
         raise AutoqError(f"{checkpoint}: no safetensors files")
     infos = {}
     for shard in shards:
+        if not (checkpoint / shard).is_file():
+            raise AutoqError(f"{checkpoint}: shard {shard} named in the index is missing")
         with safe_open(str(checkpoint / shard), framework="pt") as handle:
             for name in handle.keys():
                 view = handle.get_slice(name)
@@ -47,7 +62,15 @@ def read_quant_config(checkpoint: Path) -> dict:
     path = Path(checkpoint) / "hf_quant_config.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text()).get("quantization", {})
+    try:
+        return json.loads(path.read_text()).get("quantization", {})
+    except json.JSONDecodeError as err:
+        raise AutoqError(f"{path} is not valid JSON ({err.msg})") from None
+
+
+def read_tensor(checkpoint: Path, info: TensorInfo, name: str) -> torch.Tensor:
+    with safe_open(str(Path(checkpoint) / info.shard), framework="pt") as handle:
+        return handle.get_tensor(name)
 
 
 def logical_shape(fmt: Format, weight_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -74,11 +97,14 @@ def expected_quant_algo(formats: dict[str, str]) -> str | None:
     return None if not algos else "MIXED_PRECISION" if len(algos) > 1 else algos.pop()
 
 
-def verify_checkpoint(checkpoint: Path, formats: dict[str, str]) -> VerifyReport:
+def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bool = True) -> VerifyReport:
     """Check every layer in ``formats`` (name -> format) against the checkpoint's tensors and config."""
+    checkpoint = Path(checkpoint)
     headers = read_headers(checkpoint)
     quant = read_quant_config(checkpoint)
     report = VerifyReport()
+    if check_files:
+        report.problems += _missing_files(checkpoint, bool(quant))
     expected_algo = expected_quant_algo(formats)
     if quant.get("quant_algo") != expected_algo:
         report.problems.append(f"hf_quant_config quant_algo is {quant.get('quant_algo')!r}, expected {expected_algo!r}")
@@ -92,7 +118,8 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str]) -> VerifyReport
         out_f, in_f = logical_shape(fmt, weight.shape)
         bits = 0
         for stored in fmt.stored:
-            info = headers.get(f"{name}.{stored.suffix}")
+            key = f"{name}.{stored.suffix}"
+            info = headers.get(key)
             if info is None:
                 if not stored.optional:
                     report.problems.append(f"{name} ({fmt_name}): missing {stored.suffix}")
@@ -102,6 +129,10 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str]) -> VerifyReport
                 report.problems.append(
                     f"{name} ({fmt_name}): {stored.suffix} is {info.dtype}{list(info.shape)}, expected {stored.dtype}{list(want_shape)}"
                 )
+            elif stored.suffix in _SCALES:
+                values = read_tensor(checkpoint, info, key).float()
+                if not torch.isfinite(values).all() or not (values > 0).all():
+                    report.problems.append(f"{name} ({fmt_name}): {stored.suffix} has non-finite or non-positive values")
             bits += DTYPE_BITS.get(info.dtype, 0) * math.prod(info.shape)
         if not fmt.quantized:
             extra = [s for s in ("weight_scale", "input_scale") if f"{name}.{s}" in headers]
@@ -115,5 +146,70 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str]) -> VerifyReport
             report.problems.append(f"{name}: not listed in hf_quant_config quantized_layers")
         report.layer_bits[name] = bits
         report.layer_params[name] = out_f * in_f
+    report.problems += _kv_cache_problems(quant, headers)
+    report.problems += _lm_head_problems(formats, quant, headers)
     return report
 
+
+def _missing_files(checkpoint: Path, quantized: bool) -> list[str]:
+    problems = []
+    if not (checkpoint / "config.json").is_file():
+        problems.append("missing config.json")
+    elif quantized and "quantization_config" not in json.loads((checkpoint / "config.json").read_text()):
+        problems.append("config.json has no quantization_config")
+    if not any((checkpoint / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return problems
+
+
+def _kv_cache_problems(quant: dict, headers: dict[str, TensorInfo]) -> list[str]:
+    """A quantized KV cache needs k/v scales; an unquantized one must have none."""
+    kv_algo = quant.get("kv_cache_quant_algo")
+    k_scales = [n for n in headers if n.endswith("k_scale")]
+    v_scales = [n for n in headers if n.endswith("v_scale")]
+    if kv_algo is None:
+        return ["KV-cache scales present but kv_cache_quant_algo is null"] if k_scales or v_scales else []
+    if not k_scales or len(k_scales) != len(v_scales):
+        return [f"kv_cache_quant_algo is {kv_algo} but k_scale/v_scale tensors are missing or unpaired"]
+    return []
+
+
+def _lm_head_problems(formats: dict[str, str], quant: dict, headers: dict[str, TensorInfo]) -> list[str]:
+    """The LM head is either checked as a planned layer or must be stored unquantized."""
+    if "lm_head" in formats or "lm_head.weight" not in headers:
+        return []
+    problems = []
+    if headers["lm_head.weight"].dtype not in ("BF16", "F16", "F32"):
+        problems.append(f"lm_head is not planned but stored as {headers['lm_head.weight'].dtype}")
+    if "lm_head" in (quant.get("quantized_layers") or {}):
+        problems.append("lm_head is not planned but hf_quant_config lists it as quantized")
+    return problems
+
+
+def reference_errors(checkpoint: Path, formats: dict[str, str], reference: Path) -> dict[str, float]:
+    """Per-layer relative error ||W_dequantized - W_bf16|| / ||W_bf16||, one layer in memory at a time.
+
+    AWQ layers store ``W / p`` (p per input channel); where ``p`` is not in the checkpoint (folded
+    into the preceding norm) it is fitted per channel by least squares before comparing.
+    """
+    from autoq.checkpoint import dequantize_weight, read_layer_tensors
+
+    headers = read_headers(checkpoint)
+    ref_headers = read_headers(reference)
+    errors = {}
+    for name, fmt_name in formats.items():
+        key = f"{name}.weight"
+        if key not in ref_headers:
+            raise AutoqError(f"reference model {reference} has no tensor {key}")
+        ref = read_tensor(reference, ref_headers[key], key).float()
+        fmt = FORMATS[fmt_name]
+        tensors = read_layer_tensors(checkpoint, name, headers)
+        weight = dequantize_weight(fmt, tensors)
+        if fmt.awq:
+            scale = tensors.get("pre_quant_scale")
+            if scale is not None:
+                weight = weight * scale.float()
+            else:
+                weight = weight * ((weight * ref).sum(0) / (weight * weight).sum(0).clamp_min(1e-30))
+        errors[name] = ((weight - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return errors

@@ -9,12 +9,14 @@ budget whose plan costs the most honest bits not above a target.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoq.apply import modelopt_quietly
 from autoq.errors import AutoqError
 from autoq.formats import FORMATS
 
@@ -89,16 +91,77 @@ def run_auto_quantize(
     device = next(model.parameters()).device
     data = [ids.to(device) for ids in batches]
     start = time.perf_counter()
-    _, state = mtq.auto_quantize(
-        model,
-        constraints={"effective_bits": nominal_bits},
-        quantization_formats=presets,
-        data_loader=data,
-        forward_step=lambda m, ids: m(input_ids=ids, labels=ids),
-        loss_func=lambda output, _ids: output.loss,
-        num_calib_steps=len(data),
-        num_score_steps=len(data),
-        disabled_layers=disabled or None,
-        verbose=False,
-    )
+    with modelopt_quietly():
+        _, state = mtq.auto_quantize(
+            model,
+            constraints={"effective_bits": nominal_bits},
+            quantization_formats=presets,
+            data_loader=data,
+            forward_step=lambda m, ids: m(input_ids=ids, labels=ids),
+            loss_func=lambda output, _ids: output.loss,
+            num_calib_steps=len(data),
+            num_score_steps=len(data),
+            disabled_layers=disabled or None,
+            verbose=False,
+        )
     return state, time.perf_counter() - start
+
+
+def to_modelopt(formats: dict[str, str]) -> dict[str, Any]:
+    """A config for ``mtq.quantize(model, config, forward_loop)`` realising the plan.
+
+    ModelOpt takes one calibration algorithm per call: ``awq_lite`` if every quantized layer is
+    an AWQ format, else ``max`` (for mixed AWQ / non-AWQ plans the AWQ smoothing is then lost,
+    as with ModelOpt's own ``get_auto_quantize_config``; ``autoq apply`` calibrates each format
+    with its own algorithm).
+    """
+    from autoq.apply import modelopt_config
+
+    config = modelopt_config(formats)
+    quantized = [FORMATS[f] for f in formats.values() if FORMATS[f].quantized]
+    if quantized and all(f.calibration == "awq_lite" for f in quantized):
+        config["algorithm"] = {"method": "awq_lite", "alpha_step": 0.1}
+    return config
+
+
+def config_from_json(text: str) -> dict[str, Any]:
+    """Load a ``to_modelopt`` config saved as JSON, ready for ``mtq.quantize``.
+
+    JSON object keys are strings, but ModelOpt's ``block_sizes`` wants its axis keys as integers
+    (``{-1: 16}``); this turns numeric keys back into ints.
+    """
+
+    def ints(value):
+        if isinstance(value, dict):
+            return {(int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k): ints(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [ints(v) for v in value]
+        return value
+
+    return ints(json.loads(text))
+
+
+def plan_formats_from_checkpoint(checkpoint) -> dict[str, str]:
+    """Layer -> format of a unified ModelOpt checkpoint, every linear layer included (BF16 if unquantized).
+
+    Reads hf_quant_config.json (or config.json's quantization_config): MIXED_PRECISION
+    ``quantized_layers``, or a uniform ``quant_algo`` with ``exclude_modules``. The linear layers
+    themselves come from a weightless copy of the model built from config.json.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from autoq.checkpoint import checkpoint_formats
+
+    checkpoint = Path(checkpoint)
+    quantized = checkpoint_formats(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    config.quantization_config = None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    linears = [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
+    unknown = set(quantized) - set(linears)
+    if unknown:
+        raise AutoqError(f"{checkpoint}: quantized layers not in the model: {', '.join(sorted(unknown)[:3])}")
+    return {name: quantized.get(name, "BF16") for name in linears}

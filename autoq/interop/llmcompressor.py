@@ -1,0 +1,50 @@
+"""Plan -> llm-compressor recipe (YAML): a QuantizationModifier with one config group per format.
+
+Each group's ``weights`` / ``input_activations`` are compressed-tensors ``QuantizationArgs``
+matching the registry format (and the compressed-tensors presets FP8 / NVFP4 / W4A16); targets
+are exact module names. Plans with AWQ formats get an ``AWQModifier`` first (llm-compressor
+infers its smoothing mappings from the architecture). Layers planned BF16 are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from autoq.errors import AutoqError
+
+_FP8_TENSOR = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+_INT4_GROUP128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True, "dynamic": False}
+_FP4_GROUP16 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True}
+SCHEMES: dict[str, dict[str, Any]] = {
+    "FP8": {"weights": _FP8_TENSOR, "input_activations": _FP8_TENSOR},
+    "NVFP4": {"weights": {**_FP4_GROUP16, "dynamic": False}, "input_activations": {**_FP4_GROUP16, "dynamic": "local"}},
+    "W4A8": {"weights": _INT4_GROUP128, "input_activations": _FP8_TENSOR},
+    "INT4_AWQ": {"weights": _INT4_GROUP128},
+}
+AWQ_FORMATS = {"W4A8", "INT4_AWQ"}
+
+
+def to_llmcompressor(formats: dict[str, str]) -> str:
+    unsupported = {n: f for n, f in formats.items() if f != "BF16" and f not in SCHEMES}
+    if unsupported:
+        raise AutoqError(f"llm-compressor recipes cannot express {_listing(unsupported)}")
+    groups = {}
+    for fmt in SCHEMES:
+        targets = sorted(n for n, f in formats.items() if f == fmt)
+        if targets:
+            groups[fmt.lower()] = {"targets": targets, **SCHEMES[fmt]}
+    modifiers: dict[str, Any] = {}
+    if any(f in AWQ_FORMATS for f in formats.values()):
+        modifiers["AWQModifier"] = {"duo_scaling": True}
+    modifiers["QuantizationModifier"] = {
+        "ignore": ["lm_head", *sorted(n for n, f in formats.items() if f == "BF16")],
+        "config_groups": groups,
+    }
+    return yaml.safe_dump({"default_stage": {"default_modifiers": modifiers}}, sort_keys=False)
+
+
+def _listing(layers: dict[str, str]) -> str:
+    shown = ", ".join(f"{n} ({f})" for n, f in list(layers.items())[:5])
+    return shown + (f" and {len(layers) - 5} more layers" if len(layers) > 5 else "")
