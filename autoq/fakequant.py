@@ -16,7 +16,34 @@ call on any device, so these mirror ModelOpt's arithmetic step for step:
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+from collections.abc import Callable
+
 import torch
+
+def fused_on_cuda(fn: Callable) -> Callable:
+    """Run ``fn`` through ``torch.compile`` for CUDA tensors: each quantizer becomes one fused
+    kernel instead of a dozen memory-bound passes. CPU tensors (and ``AUTOQ_COMPILE=0``) run
+    eagerly; if compilation fails, eager it is, with one warning."""
+    compiled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        if not x.is_cuda or os.environ.get("AUTOQ_COMPILE", "1") == "0":
+            return fn(x, *args, **kwargs)
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=True))
+        try:
+            return compiled[0](x, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math
+            warnings.warn(f"autoq: torch.compile of {fn.__name__} failed ({type(err).__name__}); running eagerly")
+            compiled[0] = fn
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
 
 # Bump when any function here changes its numbers: cached sensitivity scores key on it.
 NUMERICS_VERSION = 1
@@ -25,6 +52,7 @@ FP4_E2M1_MAX = 6.0
 _AMAX_EPSILON = 1.0 / (1 << 24)
 
 
+@fused_on_cuda
 def fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """Fake-quantize to FP8 E4M3 with scale ``amax / 448`` (``amax`` broadcasts against ``x``)."""
     amax = amax.to(device=x.device, dtype=torch.float32)
@@ -63,6 +91,7 @@ def nvfp4_block_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: i
     return torch.where(scales >= 1e-5, scales, torch.ones_like(scales))
 
 
+@fused_on_cuda
 def nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
     """Fake-quantize to NVFP4 along the last dimension (dynamic per-block scales)."""
     if x.shape[-1] % block_size:
@@ -79,6 +108,7 @@ def int_block_amax(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.to(torch.float32).reshape(out_features, in_features // block_size, block_size).abs().amax(-1, keepdim=True)
 
 
+@fused_on_cuda
 def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
     """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7])."""
     out_features, in_features = w.shape

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from autoq import awq
+from autoq import awq, fakequant
 from autoq.cache import ScoreCache
 from autoq.formats import FORMATS, Format
 from autoq.model import DecoderStructure, shared_input_readers
@@ -58,10 +58,10 @@ class ScoringOptions:
     batch_size: int = 4
     device: str | None = None  # None: CUDA when available, else CPU
     stream_blocks: bool = False  # keep decoder blocks on the CPU, move one at a time to ``device``
-    store_on_cpu: bool | None = None  # where block inputs are kept; None: CPU iff streaming
+    store_on_cpu: bool = False  # keep block inputs in CPU memory (slower: they cross PCIe twice)
     chunk_batches: int | None = None  # batches scored per pass; None: from ``store_budget_gib``
-    store_budget_gib: float = 2.0
-    awq_tokens: int = 4096  # calibration tokens sampled per layer for the AWQ scale search
+    store_budget_gib: float = 2.0  # memory for block inputs; more batches than fit are scored in chunks
+    awq_tokens: int = 1024  # calibration tokens sampled per layer for the AWQ scale search
     # Score fused layers (shared input) with the shared scales ModelOpt's export gives them.
     # False reproduces mtq.auto_quantize's per-layer scales exactly.
     export_fused_scales: bool = True
@@ -110,6 +110,7 @@ class _Prepared:
     channel_amax: torch.Tensor
 
 
+@fakequant.fused_on_cuda
 def fisher_term(grad: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     """``sum((grad * diff)^2)`` in float32 (ModelOpt clamps the product the same way)."""
     return (grad.float() * diff.float()).clamp(-1e10, 1e10).square().sum()
@@ -124,8 +125,7 @@ class SensitivityEngine:
         self.cache = cache
         self.structure = DecoderStructure(model)
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        store_on_cpu = options.stream_blocks if options.store_on_cpu is None else options.store_on_cpu
-        self.store_device = torch.device("cpu") if store_on_cpu else self.device
+        self.store_device = torch.device("cpu") if options.store_on_cpu else self.device
         modules = dict(model.named_modules())
         self.targets = [
             _Target(
@@ -148,23 +148,19 @@ class SensitivityEngine:
             return cached
         for param in self.model.parameters():
             param.requires_grad_(False)  # activation gradients only: no weight gradient, ever
-        sample = token_batches[0][:1, :64]
-        if self.options.stream_blocks:  # the whole model only fits where it was loaded
-            readers = self._inspect(sample)
-            self._place_model()
-        else:
-            self._place_model()
-            readers = self._inspect(sample)
-        stats = self._load_or_calibrate(token_batches, readers)
-        totals: dict[str, dict[str, float]] = {t.name: {f.name: 0.0 for f in t.formats} for t in self.targets}
+        self._place_model()
+        readers = self._inspect(token_batches[0][:1, :64])
         chunk_size = self._chunk_size(token_batches)
+        stats, first_chunk_inputs = self._load_or_calibrate(token_batches, readers, keep_inputs=chunk_size)
+        totals: dict[str, dict[str, float]] = {t.name: {f.name: 0.0 for f in t.formats} for t in self.targets}
         chunks = [token_batches[i : i + chunk_size] for i in range(0, len(token_batches), chunk_size)]
         steps_per_chunk = 2 * len(self.structure.layers) + 1
         with self._progress(len(chunks) * steps_per_chunk, "scoring") as bar:
             for index, chunk in enumerate(chunks):
                 partial = self.cache.load_chunk(index) if self.cache is not None else None
                 if partial is None:
-                    partial = self._score_chunk(chunk, index * chunk_size, stats, bar)
+                    inputs = first_chunk_inputs if index == 0 else None
+                    partial = self._score_chunk(chunk, index * chunk_size, stats, bar, inputs)
                     if self.cache is not None:
                         self.cache.save_chunk(index, partial)
                 else:
@@ -179,9 +175,31 @@ class SensitivityEngine:
 
     def _inspect(self, sample: torch.Tensor) -> dict[str, str]:
         """Check block-wise execution is faithful; find linears that share an input."""
-        sample = sample.to(next(self.model.parameters()).device)
-        self.structure.check_reproduces_logits(sample)
-        return shared_input_readers(self.model, [t.name for t in self.targets], sample)
+        sample = sample.to(self.device)
+        with self._streamed_forward():
+            self.structure.check_reproduces_logits(sample)
+            return shared_input_readers(self.model, [t.name for t in self.targets], sample)
+
+    @contextlib.contextmanager
+    def _streamed_forward(self) -> Iterator[None]:
+        """With streaming, let a plain ``model(...)`` call bring each block to the device in turn."""
+        if not self.options.stream_blocks:
+            yield
+            return
+        def arrive(module: nn.Module, _args: tuple) -> None:
+            module.to(self.device)
+
+        def leave(module: nn.Module, _args: tuple, _out: Any) -> None:
+            module.to("cpu")
+
+        handles = []
+        for block in self.structure.layers:
+            handles += [block.register_forward_pre_hook(arrive), block.register_forward_hook(leave)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # --------------------------------------------------------------- placement
     def _place_model(self) -> None:
@@ -233,28 +251,38 @@ class SensitivityEngine:
         return tqdm(total=total, desc=f"autoq {desc}", unit="step", disable=not self.options.progress, leave=False)
 
     # ------------------------------------------------------ pass 1: calibration
-    def _load_or_calibrate(self, batches: list[torch.Tensor], readers: dict[str, str]) -> dict[str, _Stats]:
+    def _load_or_calibrate(
+        self, batches: list[torch.Tensor], readers: dict[str, str], keep_inputs: int
+    ) -> tuple[dict[str, _Stats], list[list[torch.Tensor]] | None]:
+        """Calibration statistics, and every block's input for the first ``keep_inputs`` batches:
+        the calibration pass is also the first scoring chunk's forward pass."""
         if self.cache is not None and (saved := self.cache.load_stats()) is not None:
-            return self._stats_from_saved(*saved)
-        stats = self._calibrate(batches, readers)
+            return self._stats_from_saved(*saved), None
+        stats, kept = self._calibrate(batches, readers, keep_inputs)
         if self.cache is not None:
             self.cache.save_stats(*self._stats_to_saved(stats))
-        return stats
+        return stats, kept
 
     @torch.no_grad()
-    def _calibrate(self, batches: list[torch.Tensor], readers: dict[str, str]) -> dict[str, _Stats]:
+    def _calibrate(
+        self, batches: list[torch.Tensor], readers: dict[str, str], keep_inputs: int
+    ) -> tuple[dict[str, _Stats], list[list[torch.Tensor]]]:
         stats = {t.name: _Stats(shared_input=readers[t.name]) for t in self.targets}
         rows_per_batch = math.ceil(self.options.awq_tokens / len(batches))
         hidden = [self._embed(ids) for ids in batches]
+        kept: list[list[torch.Tensor]] = [[] for _ in batches[:keep_inputs]]
         blocks = list(enumerate(self.structure.layers))
         with self._progress(len(blocks) + 1, "calibrating") as bar:
             for index, block in blocks:
                 targets = self.by_block.get(index, [])
-                with self._resident(block), self._stat_hooks(targets, stats, rows_per_batch):
-                    for b, ids in enumerate(batches):
-                        out = self._run_block(block, hidden[b].to(self.device), ids)
-                        hidden[b] = out.to(self.store_device)
-                self._search_awq(targets, stats)
+                with self._resident(block):
+                    with self._stat_hooks(targets, stats, rows_per_batch):
+                        for b, ids in enumerate(batches):
+                            if b < keep_inputs:
+                                kept[b].append(hidden[b])
+                            out = self._run_block(block, hidden[b].to(self.device), ids)
+                            hidden[b] = out.to(self.store_device)
+                    self._search_awq(targets, stats)
                 bar.update()
             head = self.by_block.get(None, [])
             if head:
@@ -263,7 +291,9 @@ class SensitivityEngine:
                         self.structure.lm_head(self.structure.head_input(h.to(self.device)))
                 self._search_awq(head, stats)
             bar.update()
-        return stats
+        for b, per_batch in enumerate(kept):
+            per_batch.append(hidden[b])
+        return stats, kept
 
     @contextlib.contextmanager
     def _stat_hooks(self, targets: list[_Target], stats: dict[str, _Stats], rows_per_batch: int) -> Iterator[None]:
@@ -329,18 +359,26 @@ class SensitivityEngine:
 
     # ---------------------------------------------------------- pass 2: scores
     def _score_chunk(
-        self, batches: list[torch.Tensor], first_batch: int, stats: dict[str, _Stats], bar
+        self,
+        batches: list[torch.Tensor],
+        first_batch: int,
+        stats: dict[str, _Stats],
+        bar,
+        inputs: list[list[torch.Tensor]] | None = None,
     ) -> dict[str, dict[str, float]]:
+        """Scores of one chunk of batches. ``inputs``: every block's input per batch, if known."""
         totals = {t.name: {f.name: torch.zeros((), device=self.device) for f in t.formats} for t in self.targets}
         layers = self.structure.layers
-        # Forward, block-major: keep every block's input for this chunk of batches.
-        with torch.no_grad():
-            inputs = [[self._embed(ids)] for ids in batches]
-            for block in layers:
-                with self._resident(block):
-                    for ids, per_batch in zip(batches, inputs):
-                        per_batch.append(self._run_block(block, per_batch[-1].to(self.device), ids).to(self.store_device))
-                bar.update()
+        if inputs is not None:
+            bar.update(len(layers))
+        else:  # forward, block-major: keep every block's input for this chunk of batches
+            with torch.no_grad():
+                inputs = [[self._embed(ids)] for ids in batches]
+                for block in layers:
+                    with self._resident(block):
+                        for ids, per_batch in zip(batches, inputs):
+                            per_batch.append(self._run_block(block, per_batch[-1].to(self.device), ids).to(self.store_device))
+                    bar.update()
         # Head: loss gradient with respect to the last block's output.
         grads: list[torch.Tensor] = []
         with self._score_hooks(self.by_block.get(None, []), stats, totals) as next_batch:

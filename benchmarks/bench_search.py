@@ -1,0 +1,326 @@
+"""autoq vs ModelOpt ``mtq.auto_quantize`` on one GPU, in one process: time, memory, plan quality.
+
+For each random-init Llama size (bf16), both tools get the same calibration batches (count,
+batch size, sequence length) and the same formats. Measured per tool: scoring wall time, solve
+time, total, peak GPU memory (``torch.cuda.max_memory_allocated``, reset before each run; the
+resident model counts for both); the floor (one plain forward+backward over the batches, plus
+one extra matmul per format per linear layer: the per-format re-forwards); and plan quality at
+each budget (mean token KL to BF16 and perplexity on held-out batches) with ModelOpt's plan
+taken at the same *honest* bits as autoq's. Both tools are warmed up first (ModelOpt JIT-compiles
+its CUDA extensions) and timed ``--repeats`` times.
+
+    python benchmarks/bench_search.py --sizes 0.5b,1b,3b --repeats 2 --out reports/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore")
+
+# Llama-3.2 / Qwen2.5-like shapes (tied embeddings), every in_features a multiple of 128.
+SIZES = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=4096),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, vocab_size=128256),
+}  # fmt: skip
+
+
+def build(size: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(seed)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of this script only
+
+
+def synced() -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def fresh_peak() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+
+
+def layer_choices(model, formats: list[str]):
+    from autoq.model import DecoderStructure
+    from autoq.search_space import parse_search_space, select_layers
+
+    space = parse_search_space(f"formats: [{', '.join(formats)}, BF16]", "bench")
+    return select_layers(model, space, DecoderStructure(model).lm_head_name), space
+
+
+def run_autoq(model, batches, formats, budgets, stream: bool) -> dict:
+    from autoq.sensitivity import ScoringOptions, SensitivityEngine
+    from autoq.solver import Options, assign_groups, solve
+
+    choices, space = layer_choices(model, formats)
+    if stream:  # as if loaded to CPU: only the blocks' turn on the GPU counts
+        model.get_decoder().layers.to("cpu")
+    fresh_peak()
+    start = synced()
+    table = SensitivityEngine(model, choices, ScoringOptions(progress=False, stream_blocks=stream, device=DEVICE)).run(batches)
+    scored = synced()
+    grouped = assign_groups(table, space)
+    options = Options.from_table(grouped)
+    choices_by_budget = {b: solve(options, b).choice for b in budgets}
+    solved = synced()
+    layers = grouped.drop_duplicates("layer")
+    plans = {b: dict(zip(layers.layer, layers.group.map(choice))) for b, choice in choices_by_budget.items()}
+    return {"score_s": scored - start, "solve_s": solved - scored, "peak_gib": peak_gib(), "plans": plans, "choices": choices}
+
+
+def run_modelopt(model, batches, formats, budgets, choices) -> dict:
+    from autoq.interop.modelopt import formats_at_honest_bits, run_auto_quantize
+
+    fresh_peak()
+    start = synced()
+    state, _ = run_auto_quantize(model, [c.name for c in choices], formats, batches, 16.0)
+    scored = synced()
+    shapes = {c.name: (c.out_features, c.in_features) for c in choices}
+    plans = {b: formats_at_honest_bits(state, shapes, b)[0] for b in budgets}
+    solved = synced()
+    return {"score_s": scored - start, "solve_s": solved - scored, "peak_gib": peak_gib(), "plans": plans}
+
+
+def floor_seconds(model, batches, formats) -> float:
+    """The floor: one plain forward+backward (activation gradients) over the batches, plus each
+    linear layer's re-forward in every format (quantize its input, matmul with the quantized
+    weight, which is prepared once outside the timing)."""
+    from torch import nn
+
+    from autoq.formats import FORMATS
+
+    emb = model.get_input_embeddings()
+    start = synced()
+    for ids in batches:
+        x = emb(ids).detach().requires_grad_(True)
+        model(inputs_embeds=x, labels=ids, use_cache=False).loss.backward()
+    fwd_bwd = synced() - start
+    fmts = [FORMATS[f] for f in formats if FORMATS[f].quantized]
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        qweights = {m: [f.quantize_weight(m.weight) for f in fmts] for m in linears}
+
+    def re_forward(module: nn.Linear, args: tuple, _output) -> None:
+        x = args[0]
+        amax = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+        for fmt, qweight in zip(fmts, qweights[module]):
+            F.linear(fmt.quantize_input(x, amax), qweight)
+
+    def forward(with_formats: bool) -> float:
+        handles = [m.register_forward_hook(re_forward) for m in linears] if with_formats else []
+        begin = synced()
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+        elapsed = synced() - begin
+        for h in handles:
+            h.remove()
+        return elapsed
+
+    forward(True)  # warm-up (kernel compilation)
+    plain = forward(False)
+    return fwd_bwd + max(0.0, forward(True) - plain)
+
+
+def quality(size, formats_by_plan: dict[str, dict[str, str]], calib, heldout) -> dict[str, dict]:
+    from autoq.apply import apply_plan
+    from autoq.evaluate import mean_kl, perplexity
+
+    reference = build(size)
+    results = {}
+    for label, formats in formats_by_plan.items():
+        model = apply_plan(build(size), formats, calib, progress=False)
+        results[label] = {"kl": mean_kl(reference, model, heldout), "ppl": perplexity(model, heldout)}
+        del model
+        fresh_peak()
+    results["bf16"] = {"kl": 0.0, "ppl": perplexity(reference, heldout)}
+    return results
+
+
+def stream_check(fit: str, big: str, formats: list[str], calib: list[torch.Tensor], cap_fraction: float = 0.5) -> dict:
+    """Streamed scores equal in-memory ones on ``fit``; ``big`` scores under a GPU memory cap
+    smaller than its bf16 weights (``torch.cuda.set_per_process_memory_fraction``)."""
+    from autoq.sensitivity import ScoringOptions, SensitivityEngine
+
+    model = build(fit)
+    choices, _ = layer_choices(model, formats)
+    in_memory = SensitivityEngine(model, choices, ScoringOptions(progress=False, device=DEVICE)).run(calib)
+    streamed = SensitivityEngine(model, choices, ScoringOptions(progress=False, device=DEVICE, stream_blocks=True)).run(calib)
+    key = ["layer", "format"]
+    a, b = in_memory.set_index(key).score, streamed.set_index(key).score
+    rel = ((a - b).abs() / a.abs().clip(lower=1e-30)).max()
+    del model
+    fresh_peak()
+    result = {"fit_model": fit, "streamed_vs_in_memory_max_rel_diff": float(rel)}
+    if DEVICE != "cuda":
+        return result
+    model = build(big)
+    weight_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    model.to("cpu")
+    choices, _ = layer_choices(model, formats)
+    fresh_peak()
+    cap_gib = cap_fraction * weight_gib
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(cap_gib / total_gib)
+    try:
+        start = synced()
+        SensitivityEngine(model, choices, ScoringOptions(progress=False, device=DEVICE, stream_blocks=True)).run(calib[:2])
+        seconds = synced() - start
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return result | {"big_model": big, "big_weights_gib": weight_gib, "cap_gib": cap_gib, "big_peak_gib": peak_gib(), "big_seconds": seconds}
+
+
+def honest_bits(formats, choices) -> float:
+    from autoq.sweep import searched_bits
+
+    return searched_bits(formats, choices)
+
+
+def tokens(samples: int, seq_len: int, skip: int, device: str):
+    from autoq.data import load_tokens
+    from autoq.default_model import train_tokenizer
+
+    data = load_tokens("default", train_tokenizer(), samples, seq_len, skip_samples=skip)
+    return [t.to(device) for t in data.tokens.split(4)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.5b,1b,3b")
+    parser.add_argument("--formats", default="NVFP4,FP8,W4A8")
+    parser.add_argument("--budgets", default="4.8,6")
+    parser.add_argument("--batches", type=int, default=16, help="calibration = scoring batches (4 x seq-len tokens each)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--heldout-batches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stream", choices=["yes", "no", "both"], default="both", help="autoq block streaming")
+    parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one autoq run per size")
+    parser.add_argument("--stream-check", default=None, help="FIT,BIG: streamed == in-memory scores on FIT; BIG under a memory cap")
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    args = parser.parse_args()
+    import modelopt
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    formats = args.formats.split(",")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    calib = tokens(args.batches * 4, args.seq_len, 0, DEVICE)
+    heldout = tokens(args.heldout_batches * 4, args.seq_len, args.batches * 4, DEVICE)
+    modes = {"yes": [True], "no": [False], "both": [False, True]}[args.stream]
+
+    # Warm-up: ModelOpt's CUDA extensions compile on first use; autoq's first CUDA kernels too.
+    warm = build("tiny")
+    warm_choices, _ = layer_choices(warm, formats)
+    run_modelopt(warm, calib[:2], formats, budgets[:1], warm_choices)
+    for stream in modes:
+        run_autoq(build("tiny"), calib[:2], formats, budgets[:1], stream)
+
+    rows, runs = [], []
+    for size in [s for s in args.sizes.split(",") if s]:
+        model = build(size)
+        params = sum(p.numel() for p in model.parameters())
+        floor = floor_seconds(model, calib, formats)
+        del model
+        timings = {"modelopt": [], **{f"autoq{'-stream' if s else ''}": [] for s in modes}}
+        plans: dict[str, dict] = {}
+        choices = None
+        for _ in range(args.repeats):
+            for stream in modes:
+                result = run_autoq(build(size), calib, formats, budgets, stream)
+                timings[f"autoq{'-stream' if stream else ''}"].append(result)
+                plans["autoq"], choices = result["plans"], result["choices"]
+            result = run_modelopt(build(size), calib, formats, budgets, choices)
+            timings["modelopt"].append(result)
+            plans["modelopt"] = result["plans"]
+            fresh_peak()
+        for tool, results in timings.items():
+            for repeat, r in enumerate(results):
+                runs.append({"model": size, "params": params, "tool": tool, "repeat": repeat,
+                             "score_s": r["score_s"], "solve_s": r["solve_s"], "total_s": r["score_s"] + r["solve_s"],
+                             "peak_gib": r["peak_gib"], "floor_s": floor})  # fmt: skip
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+            with profile(activities=activities) as prof:
+                run_autoq(build(size), calib, formats, budgets, modes[-1])
+            sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
+        qual = {}
+        if not args.no_quality:
+            qual = quality(size, {f"{t}@{b:g}": plans[t][b] for t in ("autoq", "modelopt") for b in budgets}, calib, heldout)
+        mo = timings["modelopt"]
+        for tool in [t for t in timings if t != "modelopt"]:
+            ours = timings[tool]
+            for budget in budgets:
+                rows.append({
+                    "model": size, "params": params, "autoq_mode": tool, "budget_bits": budget,
+                    "autoq_total_s": min(r["score_s"] + r["solve_s"] for r in ours),
+                    "autoq_total_s_max": max(r["score_s"] + r["solve_s"] for r in ours),
+                    "autoq_peak_gib": max(r["peak_gib"] for r in ours),
+                    "modelopt_total_s": min(r["score_s"] + r["solve_s"] for r in mo),
+                    "modelopt_total_s_max": max(r["score_s"] + r["solve_s"] for r in mo),
+                    "modelopt_peak_gib": max(r["peak_gib"] for r in mo),
+                    "floor_s": floor,
+                    "time_ratio": min(r["score_s"] + r["solve_s"] for r in ours) / min(r["score_s"] + r["solve_s"] for r in mo),
+                    "mem_ratio": max(r["peak_gib"] for r in ours) / max(r["peak_gib"] for r in mo),
+                    "floor_ratio": min(r["score_s"] + r["solve_s"] for r in ours) / floor,
+                    "autoq_bits": honest_bits(plans["autoq"][budget], choices),
+                    "modelopt_bits": honest_bits(plans["modelopt"][budget], choices),
+                    "autoq_kl": qual.get(f"autoq@{budget:g}", {}).get("kl"),
+                    "modelopt_kl": qual.get(f"modelopt@{budget:g}", {}).get("kl"),
+                    "autoq_ppl": qual.get(f"autoq@{budget:g}", {}).get("ppl"),
+                    "modelopt_ppl": qual.get(f"modelopt@{budget:g}", {}).get("ppl"),
+                    "bf16_ppl": qual.get("bf16", {}).get("ppl"),
+                })  # fmt: skip
+        pd.DataFrame(rows).to_csv(args.out / "bench_search.csv", index=False)
+        pd.DataFrame(runs).to_csv(args.out / "bench_search_runs.csv", index=False)
+
+    if args.stream_check:
+        fit, big = args.stream_check.split(",")
+        check = stream_check(fit, big, formats, calib)
+        (args.out / "stream_check.json").write_text(json.dumps(check, indent=2))
+        print(json.dumps(check, indent=2))
+
+    import autoq
+
+    info = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "autoq": autoq.__version__,
+        "modelopt": modelopt.__version__, "formats": formats, "budgets": budgets, "batches": args.batches,
+        "batch_size": 4, "seq_len": args.seq_len, "heldout_batches": args.heldout_batches, "repeats": args.repeats,
+    }  # fmt: skip
+    (args.out / "bench_search.json").write_text(json.dumps(info, indent=2))
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 250)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Numerical agreement with ModelOpt on CUDA (run on a GPU; prints a table, writes JSON).
+
+1. Fake quantization: autoq's pure-torch FP8 / W4A8 / NVFP4 against ModelOpt's CUDA and Triton
+   kernels on the same calibrated quantizers (weights, activations, layer outputs).
+2. Checkpoints: NVFP4 / FP8 / W4A8 weights dequantized from a unified HF checkpoint exported on
+   CUDA against ModelOpt's fake-quantized weights of the same model.
+
+    python benchmarks/gpu_checks.py --out reports/benchmarks/gpu_checks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def fake_quant_agreement(device: str) -> list[dict]:
+    import modelopt.torch.quantization as mtq
+
+    from autoq.formats import FORMATS
+
+    rows = []
+    for name in ("FP8", "W4A8", "NVFP4"):
+        fmt = FORMATS[name]
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(1024, 768, bias=False)).to(device, torch.bfloat16)
+        with torch.no_grad():
+            net[0].weight.mul_((torch.rand(1, 1024, device=device) * 4).to(torch.bfloat16))
+        batches = [(torch.randn(8, 64, 1024, device=device) * torch.rand(1024, device=device) * 3).to(torch.bfloat16) for _ in range(4)]
+        cfg = [{"quantizer_name": "*", "enable": False}]
+        cfg += [{"quantizer_name": f"*{q}", "cfg": c} for q, c in fmt.modelopt_quantizer_cfgs().items() if c is not None]
+        algorithm = {"method": "awq_lite", "alpha_step": 0.1} if fmt.awq else "max"
+        mtq.quantize(net, {"quant_cfg": cfg, "algorithm": algorithm}, lambda m: [m(x) for x in batches])
+        layer, x = net[0], batches[0]
+        with torch.no_grad():
+            ref_w = layer.weight_quantizer(layer.weight)
+            ours_w = fmt.quantize_weight(layer.weight)
+            scale = layer.input_quantizer.pre_quant_scale
+            scaled = x * scale if scale is not None else x
+            ref_x = layer.input_quantizer(x)
+            ours_x = fmt.quantize_input(scaled, layer.input_quantizer.amax.float().reshape(1))
+            ref_y, ours_y = layer(x), torch.nn.functional.linear(ours_x, ours_w)
+        rows.append({
+            "check": "fake-quant vs ModelOpt (CUDA kernels)", "format": name,
+            "weight_mismatch_fraction": (ref_w != ours_w).float().mean().item(),
+            "input_mismatch_fraction": (ref_x != ours_x).float().mean().item(),
+            "output_max_abs_diff": (ref_y.float() - ours_y.float()).abs().max().item(),
+        })  # fmt: skip
+    return rows
+
+
+def checkpoint_agreement(device: str) -> list[dict]:
+    from autoq.apply import apply_plan, export_checkpoint
+    from autoq.checkpoint import dequantize_weight, read_layer_tensors
+    from autoq.data import load_tokens
+    from autoq.default_model import write_random_model
+    from autoq.formats import FORMATS
+    from autoq.model import ModelSource, load_model, load_tokenizer
+    from autoq.plan import LayerPlan, Plan
+
+    plan = {f"model.layers.0.self_attn.{p}_proj": "NVFP4" for p in "qkv"}
+    plan |= {"model.layers.0.self_attn.o_proj": "FP8", "model.layers.0.mlp.down_proj": "W4A8"}
+    plan |= {"model.layers.1.mlp.gate_proj": "NVFP4", "model.layers.1.mlp.up_proj": "NVFP4"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_model(Path(tmp) / "m", "llama", seed=0, hidden_size=512, intermediate_size=1536,
+                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+        source = ModelSource(path, "m")
+        tokenizer = load_tokenizer(source)
+        model = apply_plan(load_model(source, device=device), plan, load_tokens("default", tokenizer, 8, 128).batches(4), progress=False)
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            fake = {n: modules[n].weight_quantizer(modules[n].weight).float().cpu() for n in plan}
+            autoq_fake = {n: FORMATS[f].quantize_weight(modules[n].weight, tensor_amax=modules[n].weight_quantizer.amax
+                                                        if f == "NVFP4" else None).float().cpu() for n, f in plan.items()}  # fmt: skip
+        export_checkpoint(model, tokenizer, Plan(layers={n: LayerPlan(format=f) for n, f in plan.items()}), Path(tmp) / "ckpt")
+        for name, fmt in plan.items():
+            ours = dequantize_weight(FORMATS[fmt], read_layer_tensors(Path(tmp) / "ckpt", name)).to(torch.bfloat16).float()
+            pure_torch = autoq_fake[name]
+            rows.append({
+                "check": "checkpoint dequantized vs ModelOpt fake-quant (CUDA)", "format": fmt, "layer": name,
+                "weight_mismatch_fraction": (ours != fake[name]).float().mean().item(),
+                "max_abs_diff": (ours - fake[name]).abs().max().item(),
+                "max_abs_weight": fake[name].abs().max().item(),
+                "vs_autoq_pure_torch_mismatch_fraction": (ours != pure_torch).float().mean().item(),
+            })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/gpu_checks.json"))
+    args = parser.parse_args()
+    device = "cuda"
+    rows = fake_quant_agreement(device) + checkpoint_agreement(device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    args.out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    for row in rows:
+        print(" | ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()
