@@ -42,7 +42,8 @@ def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=["fisher", "kl"], default="fisher",
                         help="fisher: LM loss on the calibration text; kl: label-free, tokens sampled from the model")  # fmt: skip
     parser.add_argument("--stream-blocks", action="store_true", help="keep decoder blocks on CPU, one at a time on the GPU")
-    parser.add_argument("--chunk-batches", type=int, default=None, help="batches per scoring pass (default: from memory)")
+    parser.add_argument("--chunk-steps", type=int, default=None,
+                        help="steps (of about 8k tokens) per scoring pass, the unit of resume (default: from memory)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=None, help="score cache (default: $AUTOQ_CACHE or ~/.cache/autoq)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -152,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                  f"calibration: {work.calibration.tokens.shape[0]} x {work.calibration.tokens.shape[1]} tokens from {args.calib}")  # fmt: skip
     options = ScoringOptions(
         objective=args.objective, batch_size=args.batch_size, device=args.device, stream_blocks=args.stream_blocks,
-        chunk_batches=args.chunk_batches, progress=not args.no_progress,
+        chunk_steps=args.chunk_steps, progress=not args.no_progress,
     )  # fmt: skip
     scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
     pipeline.log(("scores from cache " if scores.from_cache else "scored ") + f"in {scores.seconds:.1f} s "
@@ -284,7 +285,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if work.synthetic:
         pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
     options = ScoringOptions(objective=args.objective, batch_size=args.batch_size, device=args.device,
-                             stream_blocks=args.stream_blocks, chunk_batches=args.chunk_batches, progress=not args.no_progress)  # fmt: skip
+                             stream_blocks=args.stream_blocks, chunk_steps=args.chunk_steps, progress=not args.no_progress)  # fmt: skip
     scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
     config = SweepConfig(
         budgets=args.bits, tasks=_tasks(args.tasks), baselines=baselines, eval_samples=args.eval_samples,

@@ -59,9 +59,12 @@ class ScoringOptions:
     device: str | None = None  # None: CUDA when available, else CPU
     stream_blocks: bool = False  # keep decoder blocks on the CPU, move one at a time to ``device``
     store_on_cpu: bool = False  # keep block inputs in CPU memory (slower: they cross PCIe twice)
-    chunk_batches: int | None = None  # batches scored per pass; None: from ``store_budget_gib``
+    chunk_steps: int | None = None  # steps scored per pass (resume unit); None: from ``store_budget_gib``
     store_budget_gib: float = 2.0  # memory for block inputs; more batches than fit are scored in chunks
     awq_tokens: int = 1024  # calibration tokens sampled per layer for the AWQ scale search
+    # Calibration batches are run this many tokens at a time (fewer, larger kernels; the loss is
+    # still the sum of per-batch means, so scores do not depend on it).
+    tokens_per_step: int = 8192
     # Score fused layers (shared input) with the shared scales ModelOpt's export gives them.
     # False reproduces mtq.auto_quantize's per-layer scales exactly.
     export_fused_scales: bool = True
@@ -150,6 +153,7 @@ class SensitivityEngine:
             param.requires_grad_(False)  # activation gradients only: no weight gradient, ever
         self._place_model()
         readers = self._inspect(token_batches[0][:1, :64])
+        token_batches = self._steps(token_batches)
         chunk_size = self._chunk_size(token_batches)
         stats, first_chunk_inputs = self._load_or_calibrate(token_batches, readers, keep_inputs=chunk_size)
         totals: dict[str, dict[str, float]] = {t.name: {f.name: 0.0 for f in t.formats} for t in self.targets}
@@ -187,10 +191,10 @@ class SensitivityEngine:
             yield
             return
         def arrive(module: nn.Module, _args: tuple) -> None:
-            module.to(self.device)
+            self._visit(module, arriving=True)
 
         def leave(module: nn.Module, _args: tuple, _out: Any) -> None:
-            module.to("cpu")
+            self._visit(module, arriving=False)
 
         handles = []
         for block in self.structure.layers:
@@ -200,6 +204,20 @@ class SensitivityEngine:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _steps(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Concatenate consecutive batches into steps of about ``tokens_per_step`` tokens.
+
+        ``self._row_weights[i]`` weights each row of step ``i`` by 1 / (tokens of its original
+        batch), so a step's loss is the sum of its batches' mean losses.
+        """
+        per_step = max(1, self.options.tokens_per_step // max(1, batches[0].numel()))
+        steps, self._row_weights = [], []
+        for start in range(0, len(batches), per_step):
+            group = batches[start : start + per_step]
+            steps.append(torch.cat(group))
+            self._row_weights.append(torch.cat([torch.full((len(b),), 1.0 / (b.shape[0] * (b.shape[1] - 1))) for b in group]))
+        return steps
 
     # --------------------------------------------------------------- placement
     def _place_model(self) -> None:
@@ -216,17 +234,32 @@ class SensitivityEngine:
         finally:
             setattr(parent, attr, layers)
         layers.to("cpu")
+        # Each block's tensors stay in (pinned) CPU memory; a visit to the GPU copies them over and
+        # leaving just points the block back at them: weights never travel back.
+        self._cpu_tensors: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        for block in layers:
+            tensors = {}
+            for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+                if self.device.type == "cuda":
+                    tensor.data = tensor.data.pin_memory()
+                tensors[name] = tensor.data
+            self._cpu_tensors[block] = tensors
+
+    def _visit(self, block: nn.Module, arriving: bool) -> None:
+        cpu = self._cpu_tensors[block]
+        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            tensor.data = cpu[name].to(self.device, non_blocking=True) if arriving else cpu[name]
 
     @contextlib.contextmanager
     def _resident(self, block: nn.Module) -> Iterator[None]:
         if not self.options.stream_blocks:
             yield
             return
-        block.to(self.device)
+        self._visit(block, arriving=True)
         try:
             yield
         finally:
-            block.to("cpu")
+            self._visit(block, arriving=False)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden, kwargs = self.structure.capture_layer_inputs(input_ids.to(self.device))
@@ -237,8 +270,8 @@ class SensitivityEngine:
         return self.structure.run_block(block, hidden, self._block_kwargs[tuple(input_ids.shape)])
 
     def _chunk_size(self, batches: list[torch.Tensor]) -> int:
-        if self.options.chunk_batches:
-            return self.options.chunk_batches
+        if self.options.chunk_steps:
+            return self.options.chunk_steps
         hidden_size = self.structure.lm_head.in_features
         batch = batches[0]
         per_batch = (len(self.structure.layers) + 2) * batch.numel() * hidden_size * self._dtype_bytes()
@@ -404,11 +437,13 @@ class SensitivityEngine:
         return {name: {fmt: value.item() for fmt, value in per.items()} for name, per in totals.items()}
 
     def _head_backward(self, x: torch.Tensor, input_ids: torch.Tensor, batch_index: int) -> None:
-        """Backpropagate the mean next-token loss of one batch into ``x.grad``, logits in chunks."""
+        """Backpropagate one step's loss (its batches' mean next-token losses, summed) into
+        ``x.grad``, computing the logits a chunk of tokens at a time."""
         lm_head = self.structure.lm_head
         normed = self.structure.head_input(x)[:, :-1].reshape(-1, x.shape[-1])
         leaf = normed.detach().requires_grad_(True)
         labels = input_ids[:, 1:].reshape(-1)
+        token_weights = self._row_weights[batch_index].to(self.device).repeat_interleave(input_ids.shape[1] - 1)
         generator = None
         if self.options.objective == "kl":
             generator = torch.Generator(device=self.device)
@@ -420,7 +455,7 @@ class SensitivityEngine:
                 target = labels[start : start + rows]
             else:  # label-free: tokens sampled from the unquantized model's own distribution
                 target = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(1)
-            loss = F.cross_entropy(logits, target, reduction="sum") / labels.numel()
+            loss = (F.cross_entropy(logits, target, reduction="none") * token_weights[start : start + rows]).sum()
             loss.backward()
         normed.backward(leaf.grad)
 

@@ -180,6 +180,7 @@ def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: 
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
         "rows": [r.id for r in rows], "created": creation_info(),
+        "scoring": {"seconds": scores.seconds, "from_cache": scores.from_cache, "peak_memory_gib": scores.peak_memory},
     }  # fmt: skip
     _atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
     for plan in plans:

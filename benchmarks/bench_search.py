@@ -163,7 +163,7 @@ def quality(size, formats_by_plan: dict[str, dict[str, str]], calib, heldout) ->
     return results
 
 
-def stream_check(fit: str, big: str, formats: list[str], calib: list[torch.Tensor], cap_fraction: float = 0.5) -> dict:
+def stream_check(fit: str, big: str, formats: list[str], calib: list[torch.Tensor], cap_fraction: float = 0.75) -> dict:
     """Streamed scores equal in-memory ones on ``fit``; ``big`` scores under a GPU memory cap
     smaller than its bf16 weights (``torch.cuda.set_per_process_memory_fraction``)."""
     from autoq.sensitivity import ScoringOptions, SensitivityEngine

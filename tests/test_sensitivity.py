@@ -163,7 +163,7 @@ def test_streamed_blocks_give_identical_scores(tiny_llama: Path) -> None:
 
 def test_interrupted_run_resumes_from_cache(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, choices, batches = _setup(tiny_llama, "FP8, W4A8, BF16")
-    uninterrupted = _scores(model, choices, batches, chunk_batches=1)
+    uninterrupted = _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1)
 
     cache = ScoreCache(tmp_path, {"test": "resume"})
     calls = []
@@ -177,13 +177,20 @@ def test_interrupted_run_resumes_from_cache(tiny_llama: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(SensitivityEngine, "_score_chunk", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        _scores(model, choices, batches, chunk_batches=1, cache=cache)
+        _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1, cache=cache)
     assert cache.load_chunk(0) is not None and cache.load_chunk(1) is None and cache.load_table() is None
     calls.clear()
     monkeypatch.setattr(SensitivityEngine, "_score_chunk", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
-    resumed = _scores(model, choices, batches, chunk_batches=1, cache=cache)
+    resumed = _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1, cache=cache)
     assert len(calls) == 1  # only the unfinished chunk was scored again
     pd.testing.assert_series_equal(uninterrupted, resumed)
+
+
+def test_scores_do_not_depend_on_how_batches_are_grouped(tiny_llama: Path) -> None:
+    model, choices, batches = _setup(tiny_llama, "NVFP4, FP8, BF16")
+    one_by_one = _scores(model, choices, batches, tokens_per_step=1)
+    together = _scores(model, choices, batches, tokens_per_step=1 << 20)
+    pd.testing.assert_series_equal(one_by_one, together, rtol=1e-4)
 
 
 def test_label_free_kl_objective(tiny_llama: Path) -> None:
