@@ -190,7 +190,9 @@ def stream_check(fit: str, big: str, formats: list[str], calib: list[torch.Tenso
     torch.cuda.set_per_process_memory_fraction(cap_gib / total_gib)
     try:
         start = synced()
-        SensitivityEngine(model, choices, ScoringOptions(progress=False, device=DEVICE, stream_blocks=True)).run(calib[:2])
+        # One batch per step and a small store: the GPU holds embeddings, one block and one step.
+        options = ScoringOptions(progress=False, device=DEVICE, stream_blocks=True, tokens_per_step=1, store_budget_gib=0.25)
+        SensitivityEngine(model, choices, options).run(calib[:2])
         seconds = synced() - start
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -235,15 +237,16 @@ def main() -> None:
     heldout = tokens(args.heldout_batches * 4, args.seq_len, args.batches * 4, DEVICE)
     modes = {"yes": [True], "no": [False], "both": [False, True]}[args.stream]
 
-    # Warm-up: ModelOpt's CUDA extensions compile on first use; autoq's first CUDA kernels too.
-    warm = build("tiny")
-    warm_choices, _ = layer_choices(warm, formats)
-    run_modelopt(warm, calib[:2], formats, budgets[:1], warm_choices)
-    for stream in modes:
-        run_autoq(build("tiny"), calib[:2], formats, budgets[:1], stream)
+    sizes = [s for s in args.sizes.split(",") if s]
+    if sizes:  # warm-up: ModelOpt's CUDA extensions compile on first use; autoq's first kernels too
+        warm = build("tiny")
+        warm_choices, _ = layer_choices(warm, formats)
+        run_modelopt(warm, calib[:2], formats, budgets[:1], warm_choices)
+        for stream in modes:
+            run_autoq(build("tiny"), calib[:2], formats, budgets[:1], stream)
 
     rows, runs = [], []
-    for size in [s for s in args.sizes.split(",") if s]:
+    for size in sizes:
         model = build(size)
         params = sum(p.numel() for p in model.parameters())
         floor = floor_seconds(model, calib, formats)
@@ -317,9 +320,9 @@ def main() -> None:
         "batch_size": 4, "seq_len": args.seq_len, "heldout_batches": args.heldout_batches, "repeats": args.repeats,
     }  # fmt: skip
     (args.out / "bench_search.json").write_text(json.dumps(info, indent=2))
-    table = pd.DataFrame(rows)
-    pd.set_option("display.width", 250)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if rows:
+        pd.set_option("display.width", 250)
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 if __name__ == "__main__":
