@@ -3,8 +3,9 @@
 Rows: BF16; uniform FP8 / W4A8 / NVFP4 (every searched layer in one format where it fits);
 ModelOpt ``auto_quantize`` at the same honest bits as each autoq budget; and autoq at each
 budget. Every quantized row is applied with ``autoq.apply`` (ModelOpt calibration on the same
-calibration batches), evaluated against the BF16 model on held-out tokens (and lm-eval tasks),
-then exported once to measure its checkpoint size and stored bits.
+calibration batches) and exported; the exported checkpoint is what gets evaluated (dequantized
+weights, fake-quantized activations: what a runtime computes) against the BF16 model on held-out
+tokens and lm-eval tasks, next to its size and stored bits.
 
 A sweep directory is a resumable workspace: each finished row is ``rows/<row>.json`` (written
 atomically), and a rerun skips finished rows.

@@ -208,3 +208,21 @@ def test_plan_show_and_diff(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     out = capsys.readouterr().out
     assert "y    W4A8 BF16" in " ".join(out.split("\n")[1].split()) or "1 layer(s) differ" in out
     assert "1 layer(s) differ" in out
+
+
+def test_verify_checks_kv_cache_flag_and_lm_head(exported, tmp_path: Path) -> None:
+    checkpoint = exported[0]
+    formats = checkpoint_formats(checkpoint)
+
+    def edited(name: str, edit) -> Path:
+        copy_dir = tmp_path / name
+        shutil.copytree(checkpoint, copy_dir)
+        config = json.loads((copy_dir / "hf_quant_config.json").read_text())
+        edit(config["quantization"])
+        (copy_dir / "hf_quant_config.json").write_text(json.dumps(config))
+        return copy_dir
+
+    kv = edited("kv", lambda q: q.update(kv_cache_quant_algo="FP8"))
+    assert any("k_scale/v_scale" in p for p in verify_checkpoint(kv, formats).problems)
+    head = edited("head", lambda q: q["quantized_layers"].update(lm_head={"quant_algo": "FP8"}))
+    assert any("lm_head is not planned but hf_quant_config lists it" in p for p in verify_checkpoint(head, formats).problems)
