@@ -83,17 +83,20 @@ def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
     implementation. Returns how many quantizers were switched.
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, register_quant_backend
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
 
     if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
         register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
     switched = 0
     for module in model.modules():
         blocks = getattr(module, "block_sizes", None) if isinstance(module, TensorQuantizer) else None
-        if blocks and blocks.get("type") == "dynamic" and module.num_bits == (2, 1) and module.amax is not None:
-            if not module.amax.is_cuda:
-                module.backend = TORCH_NVFP4_BACKEND
-                switched += 1
+        nvfp4 = blocks and blocks.get("type") == "dynamic" and module.num_bits == (2, 1)
+        if nvfp4 and module.amax is not None and not module.amax.is_cuda:
+            module.backend = TORCH_NVFP4_BACKEND
+            switched += 1
     return switched
 
 

@@ -15,7 +15,6 @@ in plain PyTorch, on any device.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

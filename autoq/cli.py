@@ -204,14 +204,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoq import pipeline
     from autoq.apply import apply_plan, export_checkpoint
     from autoq.data import load_tokens
+    from autoq.default_model import default_model
+    from autoq.model import load_model, load_tokenizer, resolve_model
     from autoq.plan import load_plan
 
     pipeline.preflight_outputs((args.export, args.overwrite))
     plan = load_plan(args.plan)
-    source = pipeline.resolve_model(args.model) if args.model else pipeline.default_model()
-    tokenizer = pipeline.load_tokenizer(source)
+    source = resolve_model(args.model) if args.model else default_model()
+    tokenizer = load_tokenizer(source)
     calibration = load_tokens(args.calib, tokenizer, args.calib_samples, args.seq_len)
-    model = pipeline.load_model(source, dtype=args.dtype, device=args.device or _default_device())
+    model = load_model(source, dtype=args.dtype, device=args.device or _default_device())
     apply_plan(model, plan.formats(), calibration.batches(args.batch_size), progress=not args.no_progress)
     report = export_checkpoint(model, tokenizer, plan, args.export, overwrite=args.overwrite)
     pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
@@ -230,19 +232,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import copy
     import json
 
-    from autoq import pipeline
     from autoq.apply import apply_plan
     from autoq.checkpoint import load_fake_quant_model
     from autoq.data import load_tokens
+    from autoq.default_model import default_model
     from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
+    from autoq.model import load_model, load_tokenizer, resolve_model
     from autoq.plan import load_plan
 
     tasks = _tasks(args.tasks)
     plan = load_plan(args.plan) if args.plan else None
-    source = pipeline.resolve_model(args.model) if args.model else pipeline.default_model()
-    tokenizer = pipeline.load_tokenizer(source)
+    source = resolve_model(args.model) if args.model else default_model()
+    tokenizer = load_tokenizer(source)
     device = args.device or _default_device()
-    reference = pipeline.load_model(source, dtype=args.dtype, device=device)
+    reference = load_model(source, dtype=args.dtype, device=device)
     calibration = load_tokens(args.calib, tokenizer, args.calib_samples, args.seq_len)
     heldout = load_tokens(args.calib, tokenizer, args.eval_samples, args.seq_len, skip_samples=args.calib_samples, purpose="held-out evaluation")
     if plan is not None:
@@ -309,7 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_table(plan) -> "pd.DataFrame":
+def _layer_table(plan):
     import pandas as pd
 
     rows = [{"layer": n, "format": l.format, "params": l.params, "bits": l.bits} for n, l in plan.layers.items()]

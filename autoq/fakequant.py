@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+
 def fused_on_cuda(fn: Callable) -> Callable:
     """Run ``fn`` through ``torch.compile`` for CUDA tensors: each quantizer becomes one fused
     kernel instead of a dozen memory-bound passes. CPU tensors (and ``AUTOQ_COMPILE=0``) run

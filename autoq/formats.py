@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -216,6 +217,12 @@ def get_format(name: str) -> Format:
         return FORMATS[name]
     except KeyError:
         raise AutoqError(f"unknown format '{name}'; known formats: {', '.join(FORMATS)}") from None
+
+
+def average_bits(formats: dict[str, str], shapes: dict[str, tuple[int, int]]) -> float:
+    """Stored bits per weight of layers ``shapes`` (name -> (out, in)) in ``formats`` (missing: BF16)."""
+    total = sum(FORMATS[formats.get(name, "BF16")].storage_bits(out, inp) for name, (out, inp) in shapes.items())
+    return total / sum(out * inp for out, inp in shapes.values())
 
 
 def format_for_hf_quant_algo(quant_algo: str) -> Format:

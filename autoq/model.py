@@ -115,10 +115,6 @@ def directory_fingerprint(path: Path, samples_per_file: int = 16, sample_bytes: 
     return digest.hexdigest()[:24]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class _LayerInputs(Exception):
     """Raised from a hook to stop a forward pass once the first decoder block's inputs are known."""
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from autoq import __version__
 from autoq.errors import AutoqError
-from autoq.formats import FORMATS, get_format
+from autoq.formats import get_format
 
 SCHEMA = "autoq.plan"
 VERSION = 1
@@ -123,9 +123,3 @@ def plan_from_solution(
         "format_share": {fmt: picked[picked.format == fmt].params.sum() / searched_params for fmt in sorted(set(picked.format))},
     }
     return Plan(layers=layers, budget={"effective_bits": budget_bits}, achieved=achieved, created=creation_info(), **provenance)
-
-
-def plan_bits(plan: Plan, shapes: dict[str, tuple[int, int]]) -> float:
-    """Effective bits of a plan over its layers, from layer shapes (out, in)."""
-    total_bits = sum(FORMATS[layer.format].storage_bits(*shapes[name]) for name, layer in plan.layers.items())
-    return total_bits / sum(out * inp for out, inp in (shapes[name] for name in plan.layers))

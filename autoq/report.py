@@ -14,14 +14,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import ListedColormap
 
-from autoq.errors import AutoqError, atomic_output_dir  # noqa: E402
-from autoq.plan import load_plan  # noqa: E402
-from autoq.sensitivity import HEAD_BLOCK  # noqa: E402
+from autoq.errors import AutoqError, atomic_output_dir
+from autoq.plan import load_plan
+from autoq.sensitivity import HEAD_BLOCK
 
 FORMAT_COLORS = {"BF16": "#d9d9d9", "FP8": "#4c72b0", "W4A8": "#dd8452", "INT4_AWQ": "#c44e52", "NVFP4": "#55a868"}
 METRICS = {  # metric column -> (axis label, lower is better, log scale)

@@ -27,11 +27,11 @@ from torch import nn
 from tqdm import tqdm
 
 from autoq.apply import apply_plan, export_checkpoint
-from autoq.checkpoint import load_fake_quant_model
 from autoq.cache import _atomic_write
+from autoq.checkpoint import load_fake_quant_model
 from autoq.errors import AutoqError
 from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
-from autoq.formats import FORMATS
+from autoq.formats import FORMATS, average_bits
 from autoq.plan import LayerPlan, Plan, creation_info
 from autoq.search_space import LayerChoice
 
@@ -71,8 +71,7 @@ def uniform_formats(choices: list[LayerChoice], fmt: str) -> dict[str, str]:
 
 
 def searched_bits(formats: dict[str, str], choices: list[LayerChoice]) -> float:
-    total = sum(FORMATS[formats.get(c.name, "BF16")].storage_bits(c.out_features, c.in_features) for c in choices)
-    return total / sum(c.params for c in choices)
+    return average_bits(formats, {c.name: (c.out_features, c.in_features) for c in choices})
 
 
 def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt_state: dict | None) -> list[Row]:

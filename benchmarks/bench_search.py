@@ -199,12 +199,6 @@ def stream_check(fit: str, big: str, formats: list[str], calib: list[torch.Tenso
     return result | {"big_model": big, "big_weights_gib": weight_gib, "cap_gib": cap_gib, "big_peak_gib": peak_gib(), "big_seconds": seconds}
 
 
-def honest_bits(formats, choices) -> float:
-    from autoq.sweep import searched_bits
-
-    return searched_bits(formats, choices)
-
-
 def tokens(samples: int, seq_len: int, skip: int, device: str):
     from autoq.data import load_tokens
     from autoq.default_model import train_tokenizer
@@ -229,6 +223,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
     args = parser.parse_args()
     import modelopt
+
+    from autoq.sweep import searched_bits
 
     args.out.mkdir(parents=True, exist_ok=True)
     formats = args.formats.split(",")
@@ -295,8 +291,8 @@ def main() -> None:
                     "time_ratio": min(r["score_s"] + r["solve_s"] for r in ours) / min(r["score_s"] + r["solve_s"] for r in mo),
                     "mem_ratio": max(r["peak_gib"] for r in ours) / max(r["peak_gib"] for r in mo),
                     "floor_ratio": min(r["score_s"] + r["solve_s"] for r in ours) / floor,
-                    "autoq_bits": honest_bits(plans["autoq"][budget], choices),
-                    "modelopt_bits": honest_bits(plans["modelopt"][budget], choices),
+                    "autoq_bits": searched_bits(plans["autoq"][budget], choices),
+                    "modelopt_bits": searched_bits(plans["modelopt"][budget], choices),
                     "autoq_kl": qual.get(f"autoq@{budget:g}", {}).get("kl"),
                     "modelopt_kl": qual.get(f"modelopt@{budget:g}", {}).get("kl"),
                     "autoq_ppl": qual.get(f"autoq@{budget:g}", {}).get("ppl"),

@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
 LABELS = {"modelopt": "ModelOpt auto_quantize", "autoq": "autoq (in memory)", "autoq-stream": "autoq (blocks streamed)"}
 

@@ -55,8 +55,9 @@ def test_rerun_with_other_bits_reuses_scores_without_model_work(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _search(tiny_llama, tmp_path / "first", "--bits", "4.8") == 0
-    import autoq.pipeline
     from transformers import LlamaForCausalLM
+
+    import autoq.pipeline
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model work on a cached rerun")

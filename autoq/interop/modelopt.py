@@ -18,7 +18,7 @@ from torch import nn
 
 from autoq.apply import modelopt_quietly
 from autoq.errors import AutoqError
-from autoq.formats import FORMATS
+from autoq.formats import FORMATS, average_bits
 
 _PRESET_TO_FORMAT = {f.modelopt_preset: f.name for f in FORMATS.values() if f.modelopt_preset} | {"NONE": "BF16"}
 
@@ -46,12 +46,6 @@ def formats_from_auto_quantize(state: dict[str, Any], nominal_bits: float | None
     return formats
 
 
-def honest_bits(formats: dict[str, str], shapes: dict[str, tuple[int, int]]) -> float:
-    """Average stored bits per weight of ``formats`` over the layers in ``shapes`` (missing: BF16)."""
-    total = sum(FORMATS[formats.get(name, "BF16")].storage_bits(*shape) for name, shape in shapes.items())
-    return total / sum(o * i for o, i in shapes.values())
-
-
 def formats_at_honest_bits(
     state: dict[str, Any], shapes: dict[str, tuple[int, int]], target_bits: float, steps: int = 30
 ) -> tuple[dict[str, str], float]:
@@ -66,7 +60,7 @@ def formats_at_honest_bits(
         except (ValueError, AssertionError):  # below ModelOpt's own minimum
             low = middle
             continue
-        if honest_bits(formats, shapes) <= target_bits:
+        if average_bits(formats, shapes) <= target_bits:
             best, low = ({name: formats.get(name, "BF16") for name in shapes}, middle), middle
         else:
             high = middle
