@@ -42,11 +42,12 @@ def search_pre_quant_scale(
     """
     reference = F.linear(x_sample, weight)
     w_scale = weight_scale(weight, fmt.weight_block)
-    best_loss, best = float("inf"), None
-    for alpha in ALPHAS:
+    candidates, losses = [], []
+    for alpha in ALPHAS:  # no host sync inside the loop: the GPU runs all alphas back to back
         pre_quant_scale = 1.0 / smoothing_scale(act_scale, w_scale, alpha)
         out = F.linear(x_sample * pre_quant_scale.to(x_sample.dtype), fmt.quantize_weight(weight, pre_quant_scale))
-        loss = (out - reference).float().pow(2).mean().item()
-        if loss < best_loss:  # strict: ties keep the smaller alpha, like ModelOpt's min()
-            best_loss, best = loss, pre_quant_scale
-    return best
+        candidates.append(pre_quant_scale)
+        losses.append((out - reference).float().pow(2).mean())
+    # argmin returns the first minimum: ties keep the smaller alpha, like ModelOpt's min().
+    best = torch.stack(losses).nan_to_num(nan=float("inf")).argmin().reshape(1)
+    return torch.stack(candidates).index_select(0, best)[0]

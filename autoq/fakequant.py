@@ -27,27 +27,52 @@ import torch
 def fused_on_cuda(fn: Callable) -> Callable:
     """Run ``fn`` through ``torch.compile`` for CUDA tensors: each quantizer becomes one fused
     kernel instead of a dozen memory-bound passes. CPU tensors (and ``AUTOQ_COMPILE=0``) run
-    eagerly; if compilation fails, eager it is, with one warning."""
-    compiled: list[Callable] = []
+    eagerly; if compilation fails, eager it is, with one warning.
+
+    Tensor shapes are dynamic (one compilation serves every layer); the non-tensor arguments
+    (block sizes, bit widths) are compiled in as constants, so a 16-element block reduction is
+    one fixed-size, register-resident reduction rather than a loop of unknown length.
+    """
+    compiled: dict[tuple, Callable | None] = {}  # None: compilation failed, run eagerly
 
     @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args, **kwargs):
-        if not x.is_cuda or os.environ.get("AUTOQ_COMPILE", "1") == "0":
-            return fn(x, *args, **kwargs)
-        if not compiled:
-            compiled.append(torch.compile(fn, dynamic=True))
+    def wrapper(*args):
+        if not args[0].is_cuda or os.environ.get("AUTOQ_COMPILE", "1") == "0":
+            return fn(*args)
+        constants = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+        if constants not in compiled:
+            compiled[constants] = torch.compile(_with_constants(fn, constants), dynamic=True)
+        if compiled[constants] is None:
+            return fn(*args)
         try:
-            return compiled[0](x, *args, **kwargs)
+            # Detached: torch.compile keeps a Parameter's shape static and would recompile per layer.
+            return compiled[constants](*(a.detach() for a in args if isinstance(a, torch.Tensor)))
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same math
             warnings.warn(f"autoq: torch.compile of {fn.__name__} failed ({type(err).__name__}); running eagerly")
-            compiled[0] = fn
-            return fn(x, *args, **kwargs)
+            compiled[constants] = None
+            return fn(*args)
 
     return wrapper
 
 
+def _with_constants(fn: Callable, constants: tuple) -> Callable:
+    """``fn`` taking only its tensor arguments; the others (``None`` slots: tensors) are fixed."""
+    tensor_slots = [i for i, c in enumerate(constants) if c is None]
+
+    def specialised(*tensors: torch.Tensor):
+        args = list(constants)
+        for slot, tensor in zip(tensor_slots, tensors):
+            args[slot] = tensor
+        return fn(*args)
+
+    # A code object of its own: torch.compile caches compilations (and caps recompilations) per
+    # code object, and every specialisation would otherwise share this closure's.
+    specialised.__code__ = specialised.__code__.replace()
+    return specialised
+
+
 # Bump when any function here changes its numbers: cached sensitivity scores key on it.
-NUMERICS_VERSION = 1
+NUMERICS_VERSION = 2
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 _AMAX_EPSILON = 1.0 / (1 << 24)
@@ -103,17 +128,20 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> t
     return torch.where(blocks >= 0, magnitude, -magnitude).reshape(x.shape).to(x.dtype)
 
 
+@fused_on_cuda
 def int_block_amax(w: torch.Tensor, block_size: int) -> torch.Tensor:
     """Static per-block amax of a 2-D weight, blocks of ``block_size`` along the input dim."""
     out_features, in_features = w.shape
     return w.to(torch.float32).reshape(out_features, in_features // block_size, block_size).abs().amax(-1, keepdim=True)
 
 
+@fused_on_cuda
 def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
     """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]).
 
-    Not compiled: Triton's float32 division is not IEEE-exact, which flips codes at rounding ties
-    and breaks bit-equality with ModelOpt's INT4 CUDA kernel (weights only; cheap eagerly).
+    The two divisions run in float64 and are rounded to float32: that equals IEEE float32
+    division exactly (53 >= 2 * 24 + 2 bits), which ModelOpt's INT4 kernel uses and Triton's
+    fast float32 division does not; a flipped code at a rounding tie would break bit-equality.
     """
     out_features, in_features = w.shape
     if in_features % block_size:
@@ -121,10 +149,8 @@ def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_si
     blocks = w.to(torch.float32).reshape(out_features, in_features // block_size, block_size)
     max_bound = 2.0 ** (num_bits - 1) - 1.0
     zero = block_amax <= _AMAX_EPSILON
-    # tensor / tensor, as ModelOpt does: ``scalar / tensor`` multiplies by a reciprocal and
-    # rounds differently, which flips codes that sit exactly between two levels.
-    scale = torch.tensor(max_bound, device=w.device) / block_amax
+    scale = (torch.full_like(block_amax, max_bound, dtype=torch.float64) / block_amax.double()).float()
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     codes = torch.clamp(torch.round(blocks * scale), -max_bound - 1.0, max_bound)
     scale = torch.where(zero, torch.ones_like(scale), scale)
-    return (codes / scale).reshape(out_features, in_features).to(w.dtype)
+    return (codes.double() / scale.double()).float().reshape(out_features, in_features).to(w.dtype)

@@ -21,15 +21,16 @@ How it stays cheap (see ``docs`` in the README for the numbers):
 * ``Q_f(Y) - Y`` is computed inside the gradient hook of ``Y`` and reduced at once: it never
   exists for more than one layer and one format at a time. Each format's quantized weights are
   computed once per block per chunk, not once per batch.
-* Blocks can be streamed (``stream_blocks``): kept in CPU memory and moved to the GPU one at a
-  time, so a model larger than the GPU can be scored.
+* Blocks can be streamed (``stream_blocks``, ``autoq.streaming``): kept in page-locked CPU memory
+  and moved to the GPU one at a time, the next one copied while the current one computes, so a
+  model larger than the GPU can be scored at about the in-memory speed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from autoq import awq, fakequant
@@ -45,6 +47,7 @@ from autoq.cache import ScoreCache
 from autoq.formats import FORMATS, Format
 from autoq.model import DecoderStructure, shared_input_readers
 from autoq.search_space import LayerChoice
+from autoq.streaming import BlockStreamer
 
 ENGINE_VERSION = 1
 SCORE_COLUMNS = ["layer", "block", "format", "score", "params", "bits", "shared_input"]
@@ -114,9 +117,20 @@ class _Prepared:
 
 
 @fakequant.fused_on_cuda
-def fisher_term(grad: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """``sum((grad * diff)^2)`` in float32 (ModelOpt clamps the product the same way)."""
+def fisher_term(grad: torch.Tensor, quantized_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``sum((grad * (Q(Y) - Y))^2)`` in float32 (ModelOpt clamps the product the same way).
+
+    One fused pass on CUDA: ``Q(Y) - Y`` is never written to memory.
+    """
+    diff = quantized_output - output
     return (grad.float() * diff.float()).clamp(-1e10, 1e10).square().sum()
+
+
+@fakequant.fused_on_cuda
+def channel_abs_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel max and sum of ``|x|`` of a ``[tokens, channels]`` activation, in float32."""
+    magnitude = flat.abs().float()
+    return magnitude.amax(0), magnitude.sum(0)
 
 
 class SensitivityEngine:
@@ -152,6 +166,13 @@ class SensitivityEngine:
         for param in self.model.parameters():
             param.requires_grad_(False)  # activation gradients only: no weight gradient, ever
         self._place_model()
+        try:
+            return self._scores(token_batches)
+        finally:
+            if self._streamer is not None:
+                self._streamer.close()
+
+    def _scores(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         readers = self._inspect(token_batches[0][:1, :64])
         token_batches = self._steps(token_batches)
         chunk_size = self._chunk_size(token_batches)
@@ -184,26 +205,9 @@ class SensitivityEngine:
             self.structure.check_reproduces_logits(sample)
             return shared_input_readers(self.model, [t.name for t in self.targets], sample)
 
-    @contextlib.contextmanager
-    def _streamed_forward(self) -> Iterator[None]:
+    def _streamed_forward(self) -> contextlib.AbstractContextManager:
         """With streaming, let a plain ``model(...)`` call bring each block to the device in turn."""
-        if not self.options.stream_blocks:
-            yield
-            return
-        def arrive(module: nn.Module, _args: tuple) -> None:
-            self._visit(module, arriving=True)
-
-        def leave(module: nn.Module, _args: tuple, _out: Any) -> None:
-            self._visit(module, arriving=False)
-
-        handles = []
-        for block in self.structure.layers:
-            handles += [block.register_forward_pre_hook(arrive), block.register_forward_hook(leave)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return self._streamer.plain_forward() if self._streamer is not None else contextlib.nullcontext()
 
     def _steps(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Concatenate consecutive batches into steps of about ``tokens_per_step`` tokens.
@@ -222,44 +226,19 @@ class SensitivityEngine:
     # --------------------------------------------------------------- placement
     def _place_model(self) -> None:
         """Everything on ``device``; with streaming, the decoder blocks stay on the CPU."""
-        if not self.options.stream_blocks:
+        self._streamer = None
+        if self.options.stream_blocks:
+            self._streamer = BlockStreamer(self.model, self.structure.layers, self.structure.layer_prefix, self.device)
+        else:
             self.model.to(self.device)
-            return
+
+    def _resident(self, index: int, step: int) -> contextlib.AbstractContextManager:
+        """Block ``index`` on the device; with streaming, block ``index + step`` is prefetched meanwhile."""
+        if self._streamer is None:
+            return contextlib.nullcontext()
         layers = self.structure.layers
-        parent_name, _, attr = self.structure.layer_prefix.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        setattr(parent, attr, nn.ModuleList())  # detach the blocks so .to() skips them
-        try:
-            self.model.to(self.device)
-        finally:
-            setattr(parent, attr, layers)
-        layers.to("cpu")
-        # Each block's tensors stay in (pinned) CPU memory; a visit to the GPU copies them over and
-        # leaving just points the block back at them: weights never travel back.
-        self._cpu_tensors: dict[nn.Module, dict[str, torch.Tensor]] = {}
-        for block in layers:
-            tensors = {}
-            for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
-                if self.device.type == "cuda":
-                    tensor.data = tensor.data.pin_memory()
-                tensors[name] = tensor.data
-            self._cpu_tensors[block] = tensors
-
-    def _visit(self, block: nn.Module, arriving: bool) -> None:
-        cpu = self._cpu_tensors[block]
-        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
-            tensor.data = cpu[name].to(self.device, non_blocking=True) if arriving else cpu[name]
-
-    @contextlib.contextmanager
-    def _resident(self, block: nn.Module) -> Iterator[None]:
-        if not self.options.stream_blocks:
-            yield
-            return
-        self._visit(block, arriving=True)
-        try:
-            yield
-        finally:
-            self._visit(block, arriving=False)
+        upcoming = layers[index + step] if 0 <= index + step < len(layers) else None
+        return self._streamer.resident(layers[index], upcoming)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden, kwargs = self.structure.capture_layer_inputs(input_ids.to(self.device))
@@ -308,14 +287,15 @@ class SensitivityEngine:
         with self._progress(len(blocks) + 1, "calibrating") as bar:
             for index, block in blocks:
                 targets = self.by_block.get(index, [])
-                with self._resident(block):
+                with self._resident(index, +1), record_function("autoq.calibrate"):
                     with self._stat_hooks(targets, stats, rows_per_batch):
                         for b, ids in enumerate(batches):
                             if b < keep_inputs:
                                 kept[b].append(hidden[b])
                             out = self._run_block(block, hidden[b].to(self.device), ids)
                             hidden[b] = out.to(self.store_device)
-                    self._search_awq(targets, stats)
+                    with record_function("autoq.awq_search"):
+                        self._search_awq(targets, stats)
                 bar.update()
             head = self.by_block.get(None, [])
             if head:
@@ -337,9 +317,8 @@ class SensitivityEngine:
                 x = args[0]
                 s = stats[target.name]
                 flat = x.reshape(-1, x.shape[-1])
-                amax = flat.abs().amax(0).float()
+                amax, abs_sum = channel_abs_stats(flat)
                 s.channel_amax = amax if s.channel_amax is None else torch.maximum(s.channel_amax, amax)
-                abs_sum = flat.abs().float().sum(0)
                 s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum + abs_sum
                 s.rows += flat.shape[0]
                 if wants_awq:
@@ -407,14 +386,14 @@ class SensitivityEngine:
         else:  # forward, block-major: keep every block's input for this chunk of batches
             with torch.no_grad():
                 inputs = [[self._embed(ids)] for ids in batches]
-                for block in layers:
-                    with self._resident(block):
+                for index, block in enumerate(layers):
+                    with self._resident(index, +1), record_function("autoq.score_forward"):
                         for ids, per_batch in zip(batches, inputs):
                             per_batch.append(self._run_block(block, per_batch[-1].to(self.device), ids).to(self.store_device))
                     bar.update()
         # Head: loss gradient with respect to the last block's output.
         grads: list[torch.Tensor] = []
-        with self._score_hooks(self.by_block.get(None, []), stats, totals) as next_batch:
+        with record_function("autoq.score_head"), self._score_hooks(self.by_block.get(None, []), stats, totals) as next_batch:
             for b, (ids, per_batch) in enumerate(zip(batches, inputs)):
                 x = per_batch[-1].to(self.device).requires_grad_(True)
                 per_batch[-1] = None
@@ -425,7 +404,8 @@ class SensitivityEngine:
         # Backward, block-major and in reverse: recompute each block with gradients.
         for index in reversed(range(len(layers))):
             block = layers[index]
-            with self._resident(block), self._score_hooks(self.by_block.get(index, []), stats, totals) as next_batch:
+            with self._resident(index, -1), record_function("autoq.score_backward"), \
+                    self._score_hooks(self.by_block.get(index, []), stats, totals) as next_batch:
                 for b, (ids, per_batch) in enumerate(zip(batches, inputs)):
                     x = per_batch[index].to(self.device).requires_grad_(True)
                     per_batch[index] = None
@@ -491,15 +471,31 @@ class SensitivityEngine:
     ) -> Iterator[Callable[[], None]]:
         """Forward hooks that attach, to each target's output, a gradient hook adding its scores."""
         prepared = self._prepare(targets, stats)
-        quantized_inputs: dict[tuple, torch.Tensor] = {}  # q/k/v read one tensor: quantize it once
+        # Linears fused at runtime read one input (q/k/v): quantize it once per format. Their
+        # gradient hooks fire one after another, so only the latest input's quantizations are kept,
+        # and only for inputs with several readers.
+        readers = Counter(stats[t.name].shared_input for t in targets)
+        quantized_inputs: dict[tuple[str, int], torch.Tensor] = {}
+        quantized_from: list[torch.Tensor | None] = [None]
 
-        def quantized_input(x: torch.Tensor, layer: str, p: _Prepared) -> torch.Tensor:
-            key = (id(x), p.fmt.name, layer if p.pre_quant_scale is not None else None)
+        def forget() -> None:
+            quantized_inputs.clear()
+            quantized_from[0] = None
+
+        def quantized_input(x: torch.Tensor, p: _Prepared, shared: bool) -> torch.Tensor:
+            if not shared:
+                return p.fmt.quantize_input(x, p.channel_amax, p.pre_quant_scale)
+            if quantized_from[0] is not x:
+                forget()
+                quantized_from[0] = x
+            key = (p.fmt.name, id(p.pre_quant_scale))  # fused layers share one (averaged) AWQ pre-scale
             if key not in quantized_inputs:
                 quantized_inputs[key] = p.fmt.quantize_input(x, p.channel_amax, p.pre_quant_scale)
             return quantized_inputs[key]
 
         def make_hook(target: _Target):
+            shared = readers[stats[target.name].shared_input] > 1
+
             def on_forward(module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
                 if not output.requires_grad:
                     return
@@ -508,9 +504,8 @@ class SensitivityEngine:
                 def on_grad(grad: torch.Tensor) -> None:
                     with torch.no_grad():
                         for p in prepared[target.name]:
-                            diff = F.linear(quantized_input(x, target.name, p), p.qweight, module.bias)
-                            diff -= y
-                            totals[target.name][p.fmt.name] += fisher_term(grad, diff)
+                            quantized_output = F.linear(quantized_input(x, p, shared), p.qweight, module.bias)
+                            totals[target.name][p.fmt.name] += fisher_term(grad, quantized_output, y)
 
                 output.register_hook(on_grad)
 
@@ -518,11 +513,11 @@ class SensitivityEngine:
 
         handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
         try:
-            yield quantized_inputs.clear  # the caller calls it after each batch's backward
+            yield forget  # the caller calls it after each batch's backward
         finally:
             for handle in handles:
                 handle.remove()
-            quantized_inputs.clear()
+            forget()
 
     def _table(self, totals: dict[str, dict[str, float]], stats: dict[str, _Stats]) -> pd.DataFrame:
         rows = []

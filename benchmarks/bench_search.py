@@ -37,6 +37,11 @@ SIZES = {
 
 
 def build(size: str, seed: int = 0):
+    """A random-init Llama of one of ``SIZES`` (bf16), or the HF model in directory ``size``."""
+    if Path(size).is_dir():
+        from autoq.model import ModelSource, load_model
+
+        return load_model(ModelSource(Path(size), size), device=DEVICE)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
@@ -199,17 +204,21 @@ def stream_check(fit: str, big: str, formats: list[str], calib: list[torch.Tenso
     return result | {"big_model": big, "big_weights_gib": weight_gib, "cap_gib": cap_gib, "big_peak_gib": peak_gib(), "big_seconds": seconds}
 
 
-def tokens(samples: int, seq_len: int, skip: int, device: str):
+def tokens(samples: int, seq_len: int, skip: int, device: str, model_dir: str | None = None):
+    """Batches of 4 rows from the bundled corpus, tokenized by the model's own tokenizer
+    (a real model) or by autoq's default one (random models)."""
     from autoq.data import load_tokens
     from autoq.default_model import train_tokenizer
+    from autoq.model import ModelSource, load_tokenizer
 
-    data = load_tokens("default", train_tokenizer(), samples, seq_len, skip_samples=skip)
+    tokenizer = load_tokenizer(ModelSource(Path(model_dir), model_dir)) if model_dir else train_tokenizer()
+    data = load_tokens("default", tokenizer, samples, seq_len, skip_samples=skip)
     return [t.to(device) for t in data.tokens.split(4)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="0.5b,1b,3b")
+    parser.add_argument("--sizes", default="0.5b,1b,3b", help=f"comma-separated: {', '.join(SIZES)} or HF model directories")
     parser.add_argument("--formats", default="NVFP4,FP8,W4A8")
     parser.add_argument("--budgets", default="4.8,6")
     parser.add_argument("--batches", type=int, default=16, help="calibration = scoring batches (4 x seq-len tokens each)")
@@ -218,6 +227,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stream", choices=["yes", "no", "both"], default="both", help="autoq block streaming")
     parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--quality-sizes", default=None, help="comma-separated sizes to measure plan quality on (default: all)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one autoq run per size")
     parser.add_argument("--stream-check", default=None, help="FIT,BIG: streamed == in-memory scores on FIT; BIG under a memory cap")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
@@ -243,6 +253,9 @@ def main() -> None:
 
     rows, runs = [], []
     for size in sizes:
+        if Path(size).is_dir():  # a real model reads text through its own tokenizer
+            calib = tokens(args.batches * 4, args.seq_len, 0, DEVICE, size)
+            heldout = tokens(args.heldout_batches * 4, args.seq_len, args.batches * 4, DEVICE, size)
         model = build(size)
         params = sum(p.numel() for p in model.parameters())
         floor = floor_seconds(model, calib, formats)
@@ -273,7 +286,7 @@ def main() -> None:
             sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
             print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
         qual = {}
-        if not args.no_quality:
+        if not args.no_quality and (args.quality_sizes is None or size in args.quality_sizes.split(",")):
             qual = quality(size, {f"{t}@{b:g}": plans[t][b] for t in ("autoq", "modelopt") for b in budgets}, calib, heldout)
         mo = timings["modelopt"]
         for tool in [t for t in timings if t != "modelopt"]:

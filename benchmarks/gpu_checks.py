@@ -1,5 +1,6 @@
 """Numerical agreement with ModelOpt on CUDA (run on a GPU; prints a table, writes JSON).
 
+0. autoq's fused (``torch.compile``) quantizers against the same functions run eagerly.
 1. Fake quantization: autoq's pure-torch FP8 / W4A8 / NVFP4 against ModelOpt's CUDA and Triton
    kernels on the same calibrated quantizers (weights, activations, layer outputs).
 2. Checkpoints: NVFP4 / FP8 / W4A8 weights dequantized from a unified HF checkpoint exported on
@@ -56,6 +57,28 @@ def fake_quant_agreement(device: str) -> list[dict]:
     return rows
 
 
+def compiled_agreement(device: str) -> list[dict]:
+    """The fused (``torch.compile``) quantizers against the same functions run eagerly on CUDA,
+    on AWQ-smoothed-like weights of the shapes a 1B Llama has."""
+    from autoq import fakequant
+
+    rows = []
+    for out_features, in_features in ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)):
+        torch.manual_seed(out_features + in_features)
+        w = (torch.randn(out_features, in_features, device=device) * torch.rand(in_features, device=device) * 3).to(torch.bfloat16)
+        amax = w.abs().amax().float()
+        block_amax = fakequant.int_block_amax.__wrapped__(w, 128)
+        pairs = {
+            "int4 (group 128)": (fakequant.int_block(w, block_amax, 4, 128), fakequant.int_block.__wrapped__(w, block_amax, 4, 128)),
+            "int4 block amax": (fakequant.int_block_amax(w, 128), block_amax),
+            "fp8": (fakequant.fp8_e4m3(w, amax), fakequant.fp8_e4m3.__wrapped__(w, amax)),
+        }
+        for name, (fused, eager) in pairs.items():
+            rows.append({"check": "fused vs eager on CUDA", "format": name, "shape": f"{out_features}x{in_features}",
+                         "mismatch_fraction": (fused != eager).float().mean().item()})  # fmt: skip
+    return rows
+
+
 def checkpoint_agreement(device: str) -> list[dict]:
     from autoq.apply import apply_plan, export_checkpoint
     from autoq.checkpoint import dequantize_weight, read_layer_tensors
@@ -99,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/gpu_checks.json"))
     args = parser.parse_args()
     device = "cuda"
-    rows = fake_quant_agreement(device) + checkpoint_agreement(device)
+    rows = compiled_agreement(device) + fake_quant_agreement(device) + checkpoint_agreement(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     args.out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))

@@ -97,3 +97,16 @@ def test_int_block_full_range_and_zero_blocks() -> None:
     q = fakequant.int_block(w, fakequant.int_block_amax(w, 128), 4, 128)
     assert torch.equal(q[1], torch.zeros(128))  # an all-zero block stays zero, no NaN
     assert set(torch.round(q[0] * 7).tolist()) <= set(range(-8, 8))
+
+
+def test_fused_quantizers_bind_constants_into_their_own_code_objects() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    amax = x.abs().amax().float()
+    nvfp4 = fakequant._with_constants(fakequant.nvfp4.__wrapped__, (None, None, 16))
+    int4 = fakequant._with_constants(fakequant.int_block.__wrapped__, (None, None, 4, 32))
+    # torch.compile caps recompilations per code object: each specialisation needs its own.
+    assert nvfp4.__code__ is not int4.__code__
+    assert torch.equal(nvfp4(x, amax), fakequant.nvfp4.__wrapped__(x, amax, 16))
+    block_amax = fakequant.int_block_amax(x, 32)
+    assert torch.equal(int4(x, block_amax), fakequant.int_block.__wrapped__(x, block_amax, 4, 32))
