@@ -19,9 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from autoq import fakequant
+from autoq.decoder import shared_input_readers
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
-from autoq.model import shared_input_readers
 from autoq.plan import Plan
 from autoq.verify import VerifyReport, verify_checkpoint
 

@@ -61,7 +61,7 @@ def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: in
     """Resolve the model, tokenizer, search space and calibration tokens; find the layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from autoq.model import DecoderStructure
+    from autoq.decoder import DecoderStructure
 
     source = resolve_model(model) if model else default_model()
     check_causal_lm(source.path)

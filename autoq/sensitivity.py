@@ -44,15 +44,14 @@ from tqdm import tqdm
 
 from autoq import awq, fakequant
 from autoq.cache import ScoreCache
+from autoq.decoder import BlockCall, DecoderStructure
 from autoq.formats import FORMATS, Format
-from autoq.model import DecoderStructure, shared_input_readers
 from autoq.search_space import LayerChoice
 from autoq.streaming import BlockStreamer
 
 ENGINE_VERSION = 1
 SCORE_COLUMNS = ["layer", "block", "format", "score", "params", "bits", "shared_input"]
 HEAD_BLOCK = -1  # ``block`` value of the lm_head in score tables
-_HEAD_CHUNK_ELEMENTS = 1 << 25  # logits computed this many elements at a time (128 MiB in fp32)
 
 
 @dataclass
@@ -156,7 +155,7 @@ class SensitivityEngine:
         self.by_block: dict[int | None, list[_Target]] = defaultdict(list)
         for target in self.targets:
             self.by_block[target.block].append(target)
-        self._block_kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._block_calls: dict[tuple[int, ...], list[BlockCall]] = {}  # per batch shape
 
     # ------------------------------------------------------------------ public
     def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
@@ -173,7 +172,7 @@ class SensitivityEngine:
                 self._streamer.close()
 
     def _scores(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
-        readers = self._inspect(token_batches[0][:1, :64])
+        readers = self._inspect(token_batches[0][:1])
         token_batches = self._steps(token_batches)
         chunk_size = self._chunk_size(token_batches)
         stats, first_chunk_inputs = self._load_or_calibrate(token_batches, readers, keep_inputs=chunk_size)
@@ -199,11 +198,10 @@ class SensitivityEngine:
         return table
 
     def _inspect(self, sample: torch.Tensor) -> dict[str, str]:
-        """Check block-wise execution is faithful; find linears that share an input."""
-        sample = sample.to(self.device)
+        """Check block-wise execution is faithful (at the calibration sequence length); find
+        linears that share an input."""
         with self._streamed_forward():
-            self.structure.check_reproduces_logits(sample)
-            return shared_input_readers(self.model, [t.name for t in self.targets], sample)
+            return self.structure.check_blockwise(sample.to(self.device), [t.name for t in self.targets])
 
     def _streamed_forward(self) -> contextlib.AbstractContextManager:
         """With streaming, let a plain ``model(...)`` call bring each block to the device in turn."""
@@ -241,12 +239,15 @@ class SensitivityEngine:
         return self._streamer.resident(layers[index], upcoming)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden, kwargs = self.structure.capture_layer_inputs(input_ids.to(self.device))
-        self._block_kwargs.setdefault(tuple(input_ids.shape), kwargs)
+        """The first block's input; the first step of each shape also captures every block's arguments."""
+        shape = tuple(input_ids.shape)
+        hidden, calls = self.structure.embed(input_ids.to(self.device), capture=shape not in self._block_calls)
+        if calls is not None:
+            self._block_calls[shape] = calls
         return hidden.to(self.store_device)
 
-    def _run_block(self, block: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.structure.run_block(block, hidden, self._block_kwargs[tuple(input_ids.shape)])
+    def _run_block(self, index: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.structure.run_block(index, hidden, self._block_calls[tuple(input_ids.shape)])
 
     def _chunk_size(self, batches: list[torch.Tensor]) -> int:
         if self.options.chunk_steps:
@@ -292,16 +293,19 @@ class SensitivityEngine:
                         for b, ids in enumerate(batches):
                             if b < keep_inputs:
                                 kept[b].append(hidden[b])
-                            out = self._run_block(block, hidden[b].to(self.device), ids)
+                            out = self._run_block(index, hidden[b].to(self.device), ids)
                             hidden[b] = out.to(self.store_device)
                     with record_function("autoq.awq_search"):
                         self._search_awq(targets, stats)
                 bar.update()
             head = self.by_block.get(None, [])
             if head:
+                rows = self.structure.head_rows()
                 with self._stat_hooks(head, stats, rows_per_batch):
-                    for h in hidden:
-                        self.structure.lm_head(self.structure.head_input(h.to(self.device)))
+                    for h, ids in zip(hidden, batches):
+                        final = self.structure.final_hidden(h.to(self.device), ids.to(self.device))
+                        for chunk in final.reshape(-1, final.shape[-1]).split(rows):
+                            self.structure.logits(chunk)
                 self._search_awq(head, stats)
             bar.update()
         for b, per_batch in enumerate(kept):
@@ -389,7 +393,7 @@ class SensitivityEngine:
                 for index, block in enumerate(layers):
                     with self._resident(index, +1), record_function("autoq.score_forward"):
                         for ids, per_batch in zip(batches, inputs):
-                            per_batch.append(self._run_block(block, per_batch[-1].to(self.device), ids).to(self.store_device))
+                            per_batch.append(self._run_block(index, per_batch[-1].to(self.device), ids).to(self.store_device))
                     bar.update()
         # Head: loss gradient with respect to the last block's output.
         grads: list[torch.Tensor] = []
@@ -403,13 +407,12 @@ class SensitivityEngine:
         bar.update()
         # Backward, block-major and in reverse: recompute each block with gradients.
         for index in reversed(range(len(layers))):
-            block = layers[index]
             with self._resident(index, -1), record_function("autoq.score_backward"), \
                     self._score_hooks(self.by_block.get(index, []), stats, totals) as next_batch:
                 for b, (ids, per_batch) in enumerate(zip(batches, inputs)):
                     x = per_batch[index].to(self.device).requires_grad_(True)
                     per_batch[index] = None
-                    y = self._run_block(block, x, ids)
+                    y = self._run_block(index, x, ids)
                     y.backward(grads[b].to(self.device))
                     grads[b] = x.grad.to(self.store_device)
                     next_batch()
@@ -419,8 +422,8 @@ class SensitivityEngine:
     def _head_backward(self, x: torch.Tensor, input_ids: torch.Tensor, batch_index: int) -> None:
         """Backpropagate one step's loss (its batches' mean next-token losses, summed) into
         ``x.grad``, computing the logits a chunk of tokens at a time."""
-        lm_head = self.structure.lm_head
-        normed = self.structure.head_input(x)[:, :-1].reshape(-1, x.shape[-1])
+        final = self.structure.final_hidden(x, input_ids)
+        normed = final[:, :-1].reshape(-1, final.shape[-1])
         leaf = normed.detach().requires_grad_(True)
         labels = input_ids[:, 1:].reshape(-1)
         token_weights = self._row_weights[batch_index].to(self.device).repeat_interleave(input_ids.shape[1] - 1)
@@ -428,9 +431,9 @@ class SensitivityEngine:
         if self.options.objective == "kl":
             generator = torch.Generator(device=self.device)
             generator.manual_seed(self.options.seed * 1_000_003 + batch_index)
-        rows = max(1, _HEAD_CHUNK_ELEMENTS // lm_head.out_features)
+        rows = self.structure.head_rows()
         for start in range(0, leaf.shape[0], rows):
-            logits = lm_head(leaf[start : start + rows]).float()
+            logits = self.structure.logits(leaf[start : start + rows]).float()
             if generator is None:
                 target = labels[start : start + rows]
             else:  # label-free: tokens sampled from the unquantized model's own distribution

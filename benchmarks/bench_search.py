@@ -72,7 +72,7 @@ def peak_gib() -> float:
 
 
 def layer_choices(model, formats: list[str]):
-    from autoq.model import DecoderStructure
+    from autoq.decoder import DecoderStructure
     from autoq.search_space import parse_search_space, select_layers
 
     space = parse_search_space(f"formats: [{', '.join(formats)}, BF16]", "bench")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from autoq.decoder import DecoderStructure
 from autoq.errors import AutoqError
-from autoq.model import DecoderStructure, ModelSource, load_model
+from autoq.model import ModelSource, load_model
 from autoq.search_space import builtin_spaces, load_search_space, parse_search_space, select_layers
 
 

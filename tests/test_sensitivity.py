@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from autoq.cache import ScoreCache
 from autoq.data import load_tokens
+from autoq.decoder import DecoderStructure, shared_input_readers
 from autoq.formats import FORMATS
-from autoq.model import DecoderStructure, ModelSource, load_model, load_tokenizer, shared_input_readers
+from autoq.model import ModelSource, load_model, load_tokenizer
 from autoq.search_space import parse_search_space, select_layers
 from autoq.sensitivity import ScoringOptions, SensitivityEngine
 

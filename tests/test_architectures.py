@@ -1,0 +1,107 @@
+"""Block-wise scoring on the decoder architectures transformers ships, from each one's own config class.
+
+Every model here is a tiny random float32 model (float32 so that "equal" can mean equal to float
+rounding: in bf16 the block-wise and full-model forwards would agree only to bf16 precision).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from reference_scores import reference_scores
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from autoq.decoder import DecoderStructure
+from autoq.errors import AutoqError
+from autoq.search_space import parse_search_space, select_layers
+from autoq.sensitivity import ScoringOptions, SensitivityEngine
+
+VOCAB = 256
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+FORMATS = ["FP8", "NVFP4"]
+# Block-wise logits against the full forward (float32): max |difference| / max |logit|.
+LOGITS_TOLERANCE = 1e-5
+# Engine scores against the full-model reference (float32): relative difference per (layer, format).
+SCORE_TOLERANCE = 1e-4
+
+
+def tiny_model(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SMALL, **config}), dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def token_batches(count: int, rows: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (rows, seq_len), generator=generator) for _ in range(count)]
+
+
+def engine_scores(model: torch.nn.Module, batches: list[torch.Tensor], **options) -> tuple[pd.Series, list]:
+    space = parse_search_space(f"formats: [{', '.join(FORMATS)}, BF16]", "test")
+    choices = select_layers(model, space, DecoderStructure(model).lm_head_name)
+    options = ScoringOptions(batch_size=len(batches[0]), progress=False, tokens_per_step=1, **options)
+    table = SensitivityEngine(model, choices, options).run(batches)
+    return table.set_index(["layer", "format"]).score, choices
+
+
+def assert_scores_match_reference(model: torch.nn.Module, batches: list[torch.Tensor], **options) -> pd.Series:
+    ours, choices = engine_scores(model, batches, **options)
+    reference = reference_scores(model, [c.name for c in choices], batches, FORMATS)
+    assert (reference > 0).all()
+    compared = ours.loc[reference.index]
+    relative = (compared - reference).abs() / reference
+    assert relative.max() <= SCORE_TOLERANCE, relative.sort_values().tail()
+    return ours
+
+
+def blockwise_error(structure: DecoderStructure, ids: torch.Tensor, calls: list) -> float:
+    """Max |logit difference| / max |logit| of replaying ``calls`` block by block against the full forward."""
+    with torch.no_grad():
+        reference = structure.model(input_ids=ids, use_cache=False).logits[0]
+        hidden, _ = structure.embed(ids)
+        for index in range(len(structure.layers)):
+            hidden = structure.run_block(index, hidden, calls)
+        logits = structure.logits(structure.final_hidden(hidden, ids)[0])
+    return ((logits - reference).abs().max() / reference.abs().max()).item()
+
+
+def test_qwen2_sliding_window_shorter_than_calibration() -> None:
+    """The review's probe: layer 0 slides over 100 tokens, layer 1 attends to all 256. Each block
+    must get its own mask: block 0's arguments replayed for both (what a rebuilt or shared set
+    of arguments does) is far off at 256 tokens, the captured ones are exact, and the scores
+    equal the full-model reference."""
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=100, max_window_layers=1,
+                       layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    batches = token_batches(3, 2, 256)
+    structure = DecoderStructure(model)
+    ids = batches[0][:1]
+    _, calls = structure.embed(ids)
+    assert calls[0].kwargs["attention_mask"] is not calls[1].kwargs["attention_mask"]
+    assert blockwise_error(structure, ids, calls) <= LOGITS_TOLERANCE
+    assert blockwise_error(structure, ids, [calls[0]] * len(calls)) > 0.05
+    assert_scores_match_reference(model, batches)
+
+
+def test_equal_block_arguments_are_stored_once() -> None:
+    """A model that builds an equal mask for each of its blocks: the captured arguments keep one copy."""
+    model = tiny_model("llama", num_hidden_layers=4, attn_implementation="eager")
+    for block in model.model.layers:  # each block now receives its own copy of the mask
+        block.register_forward_pre_hook(
+            lambda m, args, kwargs: (args, {**kwargs, "attention_mask": kwargs["attention_mask"].clone()}), with_kwargs=True
+        )
+    _, calls = DecoderStructure(model).embed(token_batches(1, 2, 32)[0])
+    masks = [call.kwargs["attention_mask"] for call in calls]
+    assert masks[0] is not None and all(mask is masks[0] for mask in masks)
+    assert all(call.kwargs["position_embeddings"][0] is calls[0].kwargs["position_embeddings"][0] for call in calls)
+
+
+def test_blocks_called_out_of_order_are_refused() -> None:
+    model = tiny_model("llama", num_hidden_layers=3)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[0], layers[2], layers[1]])
+    structure = DecoderStructure(model)
+    structure.layers = layers  # the list autoq found, called by the model in another order
+    with pytest.raises(AutoqError, match="out of order"):
+        structure.embed(token_batches(1, 1, 8)[0])
