@@ -1,8 +1,9 @@
-"""On-disk score cache: finished score tables and the partial state of interrupted runs.
+"""On-disk score cache: finished score tables, calibration statistics and the chunks of interrupted runs.
 
 An entry is keyed by everything the scores depend on (model and data fingerprints, formats and
 their numerics, layers, objective, batching), so a re-run with another bits budget, or after a
-crash, finds the work already done. Files are written atomically (temp file + rename).
+crash, finds the work already done. Files are written atomically (temp file + rename), tensors
+as safetensors and everything else as JSON: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+
+from autoq.calibration import LayerStats
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -50,14 +53,30 @@ class ScoreCache:
         _atomic_write(self.dir / "key.json", lambda p: p.write_text(json.dumps(self.key_parts, indent=1, sort_keys=True)))
         _atomic_write(self.table_path, lambda p: table.to_parquet(p, index=False))
 
-    def load_stats(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        tensors, meta = self.dir / "stats.safetensors", self.dir / "stats.json"
-        if not (tensors.is_file() and meta.is_file()):
+    def load_stats(self, device: torch.device) -> dict[str, LayerStats] | None:
+        """Calibration statistics of an earlier run (amax, mean |x|, AWQ scales), on ``device``."""
+        tensors_path, meta_path = self.dir / "stats.safetensors", self.dir / "stats.json"
+        if not (tensors_path.is_file() and meta_path.is_file()):
             return None
-        return load_file(tensors), json.loads(meta.read_text())
+        tensors = {k: v.to(device) for k, v in load_file(tensors_path).items()}
+        stats = {}
+        for name, shared_input in json.loads(meta_path.read_text())["shared_input"].items():
+            s = LayerStats(channel_amax=tensors[f"{name}:channel_amax"], abs_sum=tensors[f"{name}:act_scale"], rows=1)
+            s.shared_input = shared_input
+            prefix = f"{name}:pre_quant_scale:"
+            s.pre_quant_scale = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            stats[name] = s
+        return stats
 
-    def save_stats(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def save_stats(self, stats: dict[str, LayerStats]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, s in stats.items():
+            tensors[f"{name}:channel_amax"] = s.channel_amax
+            tensors[f"{name}:act_scale"] = s.act_scale
+            for fmt, scale in s.pre_quant_scale.items():
+                tensors[f"{name}:pre_quant_scale:{fmt}"] = scale
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        meta = {"shared_input": {name: s.shared_input for name, s in stats.items()}}
         _atomic_write(self.dir / "stats.safetensors", lambda p: save_file(cpu, str(p)))
         _atomic_write(self.dir / "stats.json", lambda p: p.write_text(json.dumps(meta)))
 

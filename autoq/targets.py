@@ -1,0 +1,46 @@
+"""The layers the sensitivity engine scores: each searched linear with its block and formats."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from torch import nn
+
+from autoq.decoder import DecoderStructure
+from autoq.formats import FORMATS, Format
+from autoq.search_space import LayerChoice
+
+
+@dataclass
+class Target:
+    choice: LayerChoice
+    module: nn.Module  # hooks go here: its forward takes the layer input first and returns its output
+    block: int | None  # None: the lm_head
+    formats: list[Format]  # quantized formats to score (BF16 scores 0 by definition)
+
+    @property
+    def name(self) -> str:
+        return self.choice.name
+
+    @property
+    def weight(self):
+        return self.module.weight
+
+
+def build_targets(model: nn.Module, structure: DecoderStructure, choices: list[LayerChoice]) -> list[Target]:
+    modules = dict(model.named_modules())
+    return [
+        Target(
+            choice=c, module=modules[c.name], block=structure.block_index(c.name),
+            formats=[FORMATS[f] for f in c.candidates if FORMATS[f].quantized],
+        )
+        for c in choices
+    ]  # fmt: skip
+
+
+def by_block(targets: list[Target]) -> dict[int | None, list[Target]]:
+    grouped: dict[int | None, list[Target]] = defaultdict(list)
+    for target in targets:
+        grouped[target.block].append(target)
+    return grouped
