@@ -2,7 +2,9 @@
 
 An entry is keyed by everything the scores depend on (model and data fingerprints, formats and
 their numerics, layers, objective, batching), so a re-run with another bits budget, or after a
-crash, finds the work already done. Files are written atomically (temp file + rename), tensors
+crash, finds the work already done. An interrupted run leaves its calibration statistics, with
+the step layout they were collected with (batches per step), and one file per finished chunk
+named by the steps it covers. Files are written atomically (temp file + rename), tensors
 as safetensors and everything else as JSON: nothing is ever unpickled.
 """
 
@@ -53,22 +55,26 @@ class ScoreCache:
         _atomic_write(self.dir / "key.json", lambda p: p.write_text(json.dumps(self.key_parts, indent=1, sort_keys=True)))
         _atomic_write(self.table_path, lambda p: table.to_parquet(p, index=False))
 
-    def load_stats(self, device: torch.device) -> dict[str, LayerStats] | None:
-        """Calibration statistics of an earlier run (amax, mean |x|, AWQ scales), on ``device``."""
+    def load_stats(self, device: torch.device) -> tuple[dict[str, LayerStats], dict[str, Any]] | None:
+        """Calibration statistics of an interrupted run (amax, mean |x|, AWQ scales) on ``device``,
+        with the step layout they were collected with."""
         tensors_path, meta_path = self.dir / "stats.safetensors", self.dir / "stats.json"
         if not (tensors_path.is_file() and meta_path.is_file()):
             return None
+        meta = json.loads(meta_path.read_text())
         tensors = {k: v.to(device) for k, v in load_file(tensors_path).items()}
         stats = {}
-        for name, shared_input in json.loads(meta_path.read_text())["shared_input"].items():
+        for name, shared_input in meta["shared_input"].items():
             s = LayerStats(channel_amax=tensors[f"{name}:channel_amax"], abs_sum=tensors[f"{name}:act_scale"], rows=1)
             s.shared_input = shared_input
             prefix = f"{name}:pre_quant_scale:"
             s.pre_quant_scale = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             stats[name] = s
-        return stats
+        return stats, meta.get("layout", {})
 
-    def save_stats(self, stats: dict[str, LayerStats]) -> None:
+    def save_stats(self, stats: dict[str, LayerStats], layout: dict[str, Any]) -> None:
+        """Start a run's partial state: its statistics; chunks saved before (by another run) go."""
+        self.clear_partial()
         tensors: dict[str, torch.Tensor] = {}
         for name, s in stats.items():
             tensors[f"{name}:channel_amax"] = s.channel_amax
@@ -76,13 +82,26 @@ class ScoreCache:
             for fmt, scale in s.pre_quant_scale.items():
                 tensors[f"{name}:pre_quant_scale:{fmt}"] = scale
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        meta = {"shared_input": {name: s.shared_input for name, s in stats.items()}}
+        meta = {"shared_input": {name: s.shared_input for name, s in stats.items()}, "layout": layout}
         _atomic_write(self.dir / "stats.safetensors", lambda p: save_file(cpu, str(p)))
         _atomic_write(self.dir / "stats.json", lambda p: p.write_text(json.dumps(meta)))
 
-    def load_chunk(self, index: int) -> dict[str, dict[str, float]] | None:
-        path = self.dir / f"chunk_{index:05d}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+    def clear_partial(self) -> None:
+        """Forget an interrupted run: its statistics and finished chunks."""
+        for path in [self.dir / "stats.safetensors", self.dir / "stats.json", *self.dir.glob("chunk_*.json")]:
+            path.unlink(missing_ok=True)
 
-    def save_chunk(self, index: int, scores: dict[str, dict[str, float]]) -> None:
-        _atomic_write(self.dir / f"chunk_{index:05d}.json", lambda p: p.write_text(json.dumps(scores)))
+    def load_chunks(self) -> dict[int, tuple[int, dict[str, dict[str, float]]]]:
+        """Finished chunks of the run whose statistics are saved: first step -> (end step, scores).
+
+        A chunk is the sum of its steps' scores, named by the steps it covers, so a resumed run
+        can reuse it whatever its own chunk size (the step layout is the statistics').
+        """
+        chunks = {}
+        for path in self.dir.glob("chunk_*-*.json"):
+            first, end = (int(part) for part in path.stem.removeprefix("chunk_").split("-"))
+            chunks[first] = (end, json.loads(path.read_text()))
+        return chunks
+
+    def save_chunk(self, first: int, end: int, scores: dict[str, dict[str, float]]) -> None:
+        _atomic_write(self.dir / f"chunk_{first:05d}-{end:05d}.json", lambda p: p.write_text(json.dumps(scores)))

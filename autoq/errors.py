@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,11 @@ from pathlib import Path
 
 class AutoqError(Exception):
     """A problem with the user's input. The CLI prints it as one line and exits with code 2."""
+
+
+def log(message: str) -> None:
+    """One progress or status line on stderr (stdout is for results)."""
+    print(f"autoq: {message}", file=sys.stderr, flush=True)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

@@ -39,6 +39,7 @@ class BlockExecutor:
         self.stream_blocks = stream_blocks
         self.streamer: BlockStreamer | None = None
         self._calls: dict[tuple[int, ...], list[BlockCall]] = {}  # per step shape
+        self.peak_stored_bytes = 0  # most bytes of block inputs held on ``store_device`` by ``forward``
 
     @contextlib.contextmanager
     def placed(self) -> Iterator[None]:
@@ -73,13 +74,14 @@ class BlockExecutor:
         upcoming = layers[index + step] if 0 <= index + step < len(layers) else None
         return self.streamer.resident(layers[index], upcoming)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The first block's input; the first step of each shape also captures every block's arguments."""
+    def embed(self, input_ids: torch.Tensor, store: torch.device | None = None) -> torch.Tensor:
+        """The first block's input, kept on ``store`` (default ``store_device``); the first step of
+        each shape also captures every block's arguments."""
         shape = tuple(input_ids.shape)
         hidden, calls = self.structure.embed(input_ids.to(self.device), capture=shape not in self._calls)
         if calls is not None:
             self._calls[shape] = calls
-        return hidden.to(self.store_device)
+        return hidden.to(store or self.store_device)
 
     def _run_block(self, index: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         return self.structure.run_block(index, hidden, self._calls[tuple(input_ids.shape)])
@@ -87,25 +89,35 @@ class BlockExecutor:
     @torch.no_grad()
     def forward(
         self, steps: list[torch.Tensor], keep: int, around_block: AroundBlock = _no_hooks, label: str = "forward",
-        tick: Callable[[], None] = lambda: None,
+        tick: Callable[[], None] = lambda: None, stored_steps: int | None = None,
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Every step through every block, block-major.
 
         Returns every block's input for the first ``keep`` steps (and, last, the final block's
-        output), and the final block's output for every step.
+        output), and the final block's output for every step. Between blocks, the hidden states
+        of the first ``stored_steps`` steps (default: all) wait on ``store_device``, the others in
+        CPU memory: that bounds what a long calibration pass holds on the device.
         """
-        hidden = [self.embed(ids) for ids in steps]
+        stored = len(steps) if stored_steps is None else max(keep, stored_steps)
+        places = [self.store_device if b < stored else torch.device("cpu") for b in range(len(steps))]
+        hidden = [self.embed(ids, place) for ids, place in zip(steps, places)]
         kept: list[list[torch.Tensor]] = [[] for _ in steps[:keep]]
         for index in range(len(self.structure.layers)):
             with self._resident(index, +1), record_function(f"autoq.{label}"), around_block(index):
                 for b, ids in enumerate(steps):
                     if b < keep:
                         kept[b].append(hidden[b])
-                    hidden[b] = self._run_block(index, hidden[b].to(self.device), ids).to(self.store_device)
+                    hidden[b] = self._run_block(index, hidden[b].to(self.device), ids).to(places[b])
+            self._account(kept, hidden[:stored])
             tick()
         for b, per_step in enumerate(kept):
             per_step.append(hidden[b])
         return kept, hidden
+
+    def _account(self, kept: list[list[torch.Tensor]], waiting: list[torch.Tensor]) -> None:
+        """Track the most bytes of block inputs ``forward`` held on ``store_device`` at once."""
+        held = sum(t.numel() * t.element_size() for t in [*(t for per_step in kept for t in per_step), *waiting])
+        self.peak_stored_bytes = max(self.peak_stored_bytes, held)
 
     def backward(
         self, steps: list[torch.Tensor], inputs: list[list[torch.Tensor]], grads: list[torch.Tensor],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,12 @@ from autoq import __version__
 from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, default_model, is_synthetic
-from autoq.errors import AutoqError, atomic_output_dir, check_output_dir
+from autoq.errors import AutoqError, atomic_output_dir, check_output_dir, log  # noqa: F401 (log: the CLI calls pipeline.log)
 from autoq.model import ModelSource, check_causal_lm, load_model, load_tokenizer, resolve_model
 from autoq.plan import Plan, plan_from_solution
 from autoq.search_space import LayerChoice, SearchSpace, load_search_space, select_layers
 from autoq.sensitivity import ENGINE_VERSION, ScoringOptions, SensitivityEngine
 from autoq.solver import Options, assign_groups, frontier, solve
-
-
-def log(message: str) -> None:
-    print(f"autoq: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -52,10 +52,13 @@ class ScoreHooks(HooksMixin):
     def __init__(self, targets: list[Target], stats: dict[str, LayerStats], export_fused_scales: bool, device: torch.device):
         self.stats = stats
         self.export_fused_scales = export_fused_scales
-        self._totals = {t.name: {f.name: torch.zeros((), device=device) for f in t.formats} for t in targets}
+        # float64: sums over steps do not depend on how the steps are chunked (resume is exact)
+        self._totals = {t.name: {f.name: torch.zeros((), dtype=torch.float64, device=device) for f in t.formats} for t in targets}
         # Linears fused at runtime read one input (q/k/v): quantize it once per format. Their
         # gradient hooks fire one after another, so only the latest input's quantizations are
         # kept, and only for inputs with several readers.
+        # Keyed by the input tensor object the layers were called with: a detached view of it
+        # is a new object on every call, so it cannot tell a shared input from a fresh one.
         self._quantized_inputs: dict[tuple[str, int], torch.Tensor] = {}
         self._quantized_from: torch.Tensor | None = None
 
@@ -106,12 +109,13 @@ class ScoreHooks(HooksMixin):
                         prepared[t.name].append(_Prepared(fmt, qweight, pre_quant_scale, self.stats[t.name].channel_amax))
         return prepared
 
-    def _quantized_input(self, x: torch.Tensor, p: _Prepared, shared: bool) -> torch.Tensor:
+    def _quantized_input(self, source: torch.Tensor, x: torch.Tensor, p: _Prepared, shared: bool) -> torch.Tensor:
+        """``x`` (= ``source``, detached) quantized for format ``p``."""
         if not shared:
             return p.fmt.quantize_input(x, p.channel_amax, p.pre_quant_scale)
-        if self._quantized_from is not x:
+        if self._quantized_from is not source:
             self._forget()
-            self._quantized_from = x
+            self._quantized_from = source
         key = (p.fmt.name, id(p.pre_quant_scale))  # fused layers share one (averaged) AWQ pre-scale
         if key not in self._quantized_inputs:
             self._quantized_inputs[key] = p.fmt.quantize_input(x, p.channel_amax, p.pre_quant_scale)
@@ -122,13 +126,14 @@ class ScoreHooks(HooksMixin):
     ) -> None:
         if not output.requires_grad:
             return
-        x, y = args[0].detach(), output.detach()
+        source = args[0]
+        x, y = source.detach(), output.detach()
         totals = self._totals[target.name]
 
         def on_grad(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 for p in prepared:
-                    quantized_output = F.linear(self._quantized_input(x, p, shared), p.qweight, module.bias)
+                    quantized_output = F.linear(self._quantized_input(source, x, p, shared), p.qweight, module.bias)
                     totals[p.fmt.name] += fisher_term(grad, quantized_output, y)
 
         self.register_hook(output, on_grad, "grad")

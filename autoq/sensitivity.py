@@ -39,13 +39,14 @@ from tqdm import tqdm
 from autoq.cache import ScoreCache
 from autoq.calibration import LayerStats, StatsCollector
 from autoq.decoder import DecoderStructure
+from autoq.errors import log
 from autoq.executor import BlockExecutor
 from autoq.formats import FORMATS
 from autoq.scoring import ScoreHooks
 from autoq.search_space import LayerChoice
 from autoq.targets import Target, build_targets, by_block
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: block arguments captured from the model's own forward
 SCORE_COLUMNS = ["layer", "block", "format", "score", "params", "bits", "shared_input"]
 HEAD_BLOCK = -1  # ``block`` value of the lm_head in score tables
 
@@ -77,19 +78,36 @@ class ScoringOptions:
         }  # fmt: skip
 
 
-def make_steps(batches: list[torch.Tensor], tokens_per_step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Concatenate consecutive batches into steps of about ``tokens_per_step`` tokens.
+def batches_per_step(batches: list[torch.Tensor], tokens_per_step: int) -> int:
+    return max(1, tokens_per_step // max(1, batches[0].numel()))
+
+
+def make_steps(batches: list[torch.Tensor], per_step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Concatenate every ``per_step`` consecutive batches into one step.
 
     Also returns, per step, the weight of each of its rows: 1 / (tokens of its original batch),
     so that a step's loss is the sum of its batches' mean losses.
     """
-    per_step = max(1, tokens_per_step // max(1, batches[0].numel()))
     steps, row_weights = [], []
     for start in range(0, len(batches), per_step):
         group = batches[start : start + per_step]
         steps.append(torch.cat(group))
         row_weights.append(torch.cat([torch.full((len(b),), 1.0 / (b.shape[0] * (b.shape[1] - 1))) for b in group]))
     return steps, row_weights
+
+
+def _chunk_plan(steps: int, chunk_size: int, finished: dict[int, tuple[int, Any]]) -> list[tuple[int, int]]:
+    """Chunks ``[first, end)`` tiling ``range(steps)``: finished chunks where one starts, else
+    ``chunk_size`` steps (cut short where a finished chunk starts)."""
+    plan, first = [], 0
+    while first < steps:
+        if first in finished:
+            end = finished[first][0]
+        else:
+            end = min([steps, first + chunk_size, *(start for start in finished if start > first)])
+        plan.append((first, end))
+        first = end
+    return plan
 
 
 class SensitivityEngine:
@@ -119,53 +137,75 @@ class SensitivityEngine:
 
     def _scores(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         readers = self.executor.check_blockwise(token_batches[0][:1], [t.name for t in self.targets])
-        steps, self._row_weights = make_steps(token_batches, self.options.tokens_per_step)
-        chunk_size = self._chunk_size(steps)
-        stats, first_chunk_inputs = self._load_or_calibrate(steps, readers, keep_inputs=chunk_size)
+        per_step = batches_per_step(token_batches, self.options.tokens_per_step)
+        steps, self._row_weights = make_steps(token_batches, per_step)
+        layout = {"batches_per_step": per_step, "steps": len(steps)}
+        chunk_size, stored_steps = self._memory_plan(steps)
+        stats, first_chunk_inputs = self._load_or_calibrate(steps, readers, chunk_size, stored_steps, layout)
+        finished = self.cache.load_chunks() if self.cache is not None else {}
+        plan = _chunk_plan(len(steps), chunk_size, finished)
+        done = sum(end - first for first, end in plan if first in finished)
+        if done:
+            log(f"resuming from the score cache: {done} of {len(steps)} steps already scored")
         totals: dict[str, dict[str, float]] = {t.name: {f.name: 0.0 for f in t.formats} for t in self.targets}
-        chunks = [steps[i : i + chunk_size] for i in range(0, len(steps), chunk_size)]
         steps_per_chunk = 2 * len(self.structure.layers) + 1
-        with self._progress(len(chunks) * steps_per_chunk, "scoring") as bar:
-            for index, chunk in enumerate(chunks):
-                partial = self.cache.load_chunk(index) if self.cache is not None else None
-                if partial is None:
-                    inputs = first_chunk_inputs if index == 0 else None
-                    partial = self._score_chunk(chunk, index * chunk_size, stats, bar, inputs)
-                    if self.cache is not None:
-                        self.cache.save_chunk(index, partial)
+        to_score = [first for first, _ in plan if first not in finished]
+        with self._progress(len(to_score) * steps_per_chunk, "scoring") as bar:
+            for first, end in plan:
+                if first in finished:
+                    partial = finished[first][1]
                 else:
-                    bar.update(steps_per_chunk)
+                    kept = first_chunk_inputs if first == 0 and first_chunk_inputs and end == len(first_chunk_inputs) else None
+                    partial = self._score_chunk(steps[first:end], first, stats, bar, kept)
+                    if self.cache is not None:
+                        self.cache.save_chunk(first, end, partial)
                 for name, per_format in partial.items():
                     for fmt, value in per_format.items():
                         totals[name][fmt] += value
         return self._table(totals, stats)
 
-    def _chunk_size(self, steps: list[torch.Tensor]) -> int:
-        if self.options.chunk_steps:
-            return self.options.chunk_steps
-        hidden_size = self.structure.lm_head.in_features
+    def _memory_plan(self, steps: list[torch.Tensor]) -> tuple[int, int]:
+        """Steps per scoring chunk, and how many steps' hidden states calibration keeps on the
+        store device, within ``store_budget_gib``.
+
+        A chunk of ``c`` steps holds ``L + 2`` hidden states per step while it is scored (every
+        block's input, the head's output and the gradient). Calibration keeps the first chunk's
+        block inputs (``c * (L + 1)`` states) and one state per other step; steps beyond the
+        budget wait in CPU memory.
+        """
+        layers = len(self.structure.layers)
         dtype_bytes = next(self.model.parameters()).element_size()
-        per_step = (len(self.structure.layers) + 2) * steps[0].numel() * hidden_size * dtype_bytes
-        return max(1, min(len(steps), int(self.options.store_budget_gib * 2**30 // per_step)))
+        step_bytes = max(s.numel() for s in steps) * self.structure.lm_head.in_features * dtype_bytes
+        budget = self.options.store_budget_gib * 2**30 / step_bytes  # in hidden states of one step
+        chunk = self.options.chunk_steps or max(1, min(len(steps), int(budget // (layers + 2))))
+        return chunk, max(chunk, min(len(steps), int(budget - chunk * layers)))
 
     def _progress(self, total: int, desc: str):
         return tqdm(total=total, desc=f"autoq {desc}", unit="step", disable=not self.options.progress, leave=False)
 
     # ------------------------------------------------------ pass 1: calibration
     def _load_or_calibrate(
-        self, steps: list[torch.Tensor], readers: dict[str, str], keep_inputs: int
+        self, steps: list[torch.Tensor], readers: dict[str, str], keep_inputs: int, stored_steps: int, layout: dict[str, int]
     ) -> tuple[dict[str, LayerStats], list[list[torch.Tensor]] | None]:
         """Calibration statistics, and every block's input for the first ``keep_inputs`` steps:
-        the calibration pass is also the first scoring chunk's forward pass."""
+        the calibration pass is also the first scoring chunk's forward pass.
+
+        An interrupted run's statistics are reused only if its steps were the same batches
+        (its finished chunks are then sums over the same steps); otherwise it starts over.
+        """
         if self.cache is not None and (saved := self.cache.load_stats(self.device)) is not None:
-            return saved, None
-        stats, kept = self._calibrate(steps, readers, keep_inputs)
+            stats, saved_layout = saved
+            if saved_layout == layout:
+                return stats, None
+            log(f"the interrupted run in the score cache grouped its batches differently ({saved_layout}, now {layout}): "
+                "starting over")  # fmt: skip
+        stats, kept = self._calibrate(steps, readers, keep_inputs, stored_steps)
         if self.cache is not None:
-            self.cache.save_stats(stats)
+            self.cache.save_stats(stats, layout)
         return stats, kept
 
     def _calibrate(
-        self, steps: list[torch.Tensor], readers: dict[str, str], keep_inputs: int
+        self, steps: list[torch.Tensor], readers: dict[str, str], keep_inputs: int, stored_steps: int
     ) -> tuple[dict[str, LayerStats], list[list[torch.Tensor]]]:
         collector = StatsCollector(self.targets, readers, StatsCollector.samples_per_step_for(self.options.awq_tokens, len(steps)))
 
@@ -178,8 +218,9 @@ class SensitivityEngine:
 
         with self._progress(len(self.structure.layers) + 1, "calibrating") as bar:
             kept, finals = self.executor.forward(
-                steps, keep_inputs, lambda index: collecting(self.by_block.get(index, [])), label="calibrate", tick=bar.update
-            )
+                steps, keep_inputs, lambda index: collecting(self.by_block.get(index, [])), label="calibrate",
+                tick=bar.update, stored_steps=stored_steps,
+            )  # fmt: skip
             if head := self.by_block.get(None, []):
                 with collecting(head):
                     for final, ids in zip(finals, steps):

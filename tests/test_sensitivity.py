@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from autoq.cache import ScoreCache
 from autoq.data import load_tokens
 from autoq.decoder import DecoderStructure, shared_input_readers
-from autoq.formats import FORMATS
+from autoq.formats import FORMATS, Format
 from autoq.model import ModelSource, load_model, load_tokenizer
 from autoq.search_space import parse_search_space, select_layers
 from autoq.sensitivity import ScoringOptions, SensitivityEngine
@@ -25,16 +25,16 @@ def _space(formats: str, lm_head: bool = False):
     return parse_search_space(f"formats: [{formats}]\nsearch_lm_head: {str(lm_head).lower()}", "test")
 
 
-def _setup(model_dir: Path, formats: str = "NVFP4, FP8, W4A8, BF16", lm_head: bool = False):
+def _setup(model_dir: Path, formats: str = "NVFP4, FP8, W4A8, BF16", lm_head: bool = False, samples: int = SAMPLES, batch: int = BATCH):
     source = ModelSource(model_dir, model_dir.name)
     model = load_model(source)
-    tokens = load_tokens("default", load_tokenizer(source), SAMPLES, SEQ_LEN)
+    tokens = load_tokens("default", load_tokenizer(source), samples, SEQ_LEN)
     choices = select_layers(model, _space(formats, lm_head), DecoderStructure(model).lm_head_name)
-    return model, choices, tokens.batches(BATCH)
+    return model, choices, tokens.batches(batch)
 
 
-def _scores(model, choices, batches, cache: ScoreCache | None = None, **options) -> pd.Series:
-    engine = SensitivityEngine(model, choices, ScoringOptions(batch_size=BATCH, progress=False, **options), cache)
+def _scores(model, choices, batches, cache: ScoreCache | None = None, batch: int = BATCH, **options) -> pd.Series:
+    engine = SensitivityEngine(model, choices, ScoringOptions(batch_size=batch, progress=False, **options), cache)
     return engine.run(batches).set_index(["layer", "format"]).score
 
 
@@ -156,17 +156,22 @@ def test_no_weight_gradients_during_scoring(tiny_llama: Path) -> None:
 
 
 def test_streamed_blocks_give_identical_scores(tiny_llama: Path) -> None:
+    """Streaming is real on the CPU too: between their turns the blocks hold empty tensors, so any
+    use of a block outside its turn would fail, and each turn works on a fresh copy of the
+    block's weights."""
     model, choices, batches = _setup(tiny_llama)
     in_memory = _scores(model, choices, batches)
+    probe = model.model.layers[1].mlp.down_proj
+    weight = probe.weight.data
+    used_with = []
+    probe.register_forward_pre_hook(lambda m, a: used_with.append(m.weight.data.data_ptr()))
     streamed = _scores(model, choices, batches, stream_blocks=True, store_on_cpu=True, device="cpu")
     pd.testing.assert_series_equal(in_memory, streamed)
+    assert used_with and weight.data_ptr() not in used_with  # every use was of a copy made for its turn
+    assert probe.weight.data_ptr() == weight.data_ptr()  # the block's own weights are back afterwards
 
 
-def test_interrupted_run_resumes_from_cache(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, choices, batches = _setup(tiny_llama, "FP8, W4A8, BF16")
-    uninterrupted = _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1)
-
-    cache = ScoreCache(tmp_path, {"test": "resume"})
+def _interrupt_second_chunk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = []
     original = SensitivityEngine._score_chunk
 
@@ -177,14 +182,85 @@ def test_interrupted_run_resumes_from_cache(tiny_llama: Path, tmp_path: Path, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SensitivityEngine, "_score_chunk", crash_on_second)
+    return calls
+
+
+def test_interrupted_run_resumes_from_cache(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, choices, batches = _setup(tiny_llama, "FP8, W4A8, BF16")
+    uninterrupted = _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1)
+
+    cache = ScoreCache(tmp_path, {"test": "resume"})
+    calls = _interrupt_second_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1, cache=cache)
-    assert cache.load_chunk(0) is not None and cache.load_chunk(1) is None and cache.load_table() is None
+    assert list(cache.load_chunks()) == [0] and cache.load_table() is None
+    monkeypatch.undo()
     calls.clear()
+    original = SensitivityEngine._score_chunk
     monkeypatch.setattr(SensitivityEngine, "_score_chunk", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
     resumed = _scores(model, choices, batches, chunk_steps=1, tokens_per_step=1, cache=cache)
     assert len(calls) == 1  # only the unfinished chunk was scored again
     pd.testing.assert_series_equal(uninterrupted, resumed)
+
+
+def test_resume_with_other_chunking_continues_exactly(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Interrupted with 2 steps per chunk, resumed with 1: the finished chunk (steps 0-1) is reused
+    as it is, the rest is scored in chunks of 1, and no step counts twice."""
+    model, choices, batches = _setup(tiny_llama, "FP8, W4A8, BF16", batch=1)
+    uninterrupted = _scores(model, choices, batches, batch=1, chunk_steps=1, tokens_per_step=1)
+    cache = ScoreCache(tmp_path, {"test": "rechunk"})
+    _interrupt_second_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _scores(model, choices, batches, batch=1, chunk_steps=2, tokens_per_step=1, cache=cache)
+    monkeypatch.undo()
+    assert {first: end for first, (end, _) in cache.load_chunks().items()} == {0: 2}
+    resumed = _scores(model, choices, batches, batch=1, chunk_steps=1, tokens_per_step=1, cache=cache)
+    assert "2 of 8 steps already scored" in capsys.readouterr().err
+    pd.testing.assert_series_equal(uninterrupted, resumed, rtol=1e-12)
+
+
+def test_resume_with_other_steps_starts_over(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Steps of another size hold other batches: the interrupted run's chunks cannot be reused."""
+    model, choices, batches = _setup(tiny_llama, "FP8, W4A8, BF16", batch=1)
+    cache = ScoreCache(tmp_path, {"test": "restep"})
+    _interrupt_second_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _scores(model, choices, batches, batch=1, chunk_steps=1, tokens_per_step=1, cache=cache)
+    monkeypatch.undo()
+    resumed = _scores(model, choices, batches, batch=1, chunk_steps=1, tokens_per_step=128, cache=cache)
+    assert "starting over" in capsys.readouterr().err
+    fresh = _scores(model, choices, batches, batch=1, chunk_steps=1, tokens_per_step=128)
+    pd.testing.assert_series_equal(fresh, resumed)
+
+
+def test_fused_layers_quantize_their_shared_input_once(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v read one input, gate/up another: per block and format, 4 input quantizations
+    (qkv, o, gate/up, down), not 7 — 8 for the 2-block model, one step, one format."""
+    model, choices, batches = _setup(tiny_llama, "FP8, BF16")
+    calls = []
+    original = Format.quantize_input
+    monkeypatch.setattr(Format, "quantize_input", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    _scores(model, choices, batches)
+    assert len(calls) == 8
+
+
+def test_calibration_holds_at_most_the_store_budget(tiny_llama: Path) -> None:
+    """16 steps of 64 tokens: their hidden states alone are 16 x 16 KiB. With a 128 KiB budget,
+    the hidden states that do not fit wait in CPU memory and the scores do not change."""
+    model, choices, batches = _setup(tiny_llama, "FP8, BF16", samples=16, batch=1)
+    budget_gib = 0.125 / 1024
+    options = ScoringOptions(batch_size=1, progress=False, tokens_per_step=1, store_budget_gib=budget_gib)
+    bounded = SensitivityEngine(model, choices, options)
+    table = bounded.run(batches)
+    step_bytes = 64 * model.config.hidden_size * 2
+    assert len(batches) * step_bytes > budget_gib * 2**30  # calibration alone would not fit
+    assert bounded.executor.peak_stored_bytes <= budget_gib * 2**30
+    unbounded = _scores(model, choices, batches, batch=1, tokens_per_step=1, store_budget_gib=64.0)
+    pd.testing.assert_series_equal(unbounded, table.set_index(["layer", "format"]).score)
 
 
 def test_scores_do_not_depend_on_how_batches_are_grouped(tiny_llama: Path) -> None:
