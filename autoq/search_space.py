@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -148,19 +149,44 @@ class LayerChoice:
     def params(self) -> int:
         return self.out_features * self.in_features
 
+    def storage_bits(self, fmt: str) -> int:
+        """Bits the exported checkpoint spends on this layer in format ``fmt``."""
+        return FORMATS[fmt].storage_bits(self.out_features, self.in_features)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` of a module autoq scores as a linear layer, else None.
+
+    Besides ``nn.Linear``: transformers' ``Conv1D`` (GPT-2 and relatives), a linear layer whose
+    weight is stored transposed, ``(in, out)``.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return None
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a module ``linear_shape`` accepts, as ``(out_features, in_features)``."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
 
 def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str) -> list[LayerChoice]:
-    """Every ``nn.Linear`` the search space selects, with its candidate formats."""
+    """Every linear layer the search space selects, with its candidate formats."""
     choices = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        shape = linear_shape(module)
+        if shape is None:
             continue
         class_name = type(module).__name__
         if name == lm_head_name and not space.search_lm_head:
             continue
         if not space.is_selected(name, class_name):
             continue
-        out_f, in_f = module.out_features, module.in_features
+        out_f, in_f = shape
         pinned = space.pinned_format(name, class_name)
         if pinned is not None:
             if not FORMATS[pinned].supports(out_f, in_f):

@@ -283,7 +283,7 @@ class SensitivityEngine:
                     "format": fmt_name,
                     "score": totals[choice.name][fmt_name] if fmt.quantized else 0.0,
                     "params": choice.params,
-                    "bits": fmt.storage_bits(choice.out_features, choice.in_features),
+                    "bits": choice.storage_bits(fmt_name),
                     "shared_input": stats[choice.name].shared_input,
                 })  # fmt: skip
         return pd.DataFrame(rows, columns=SCORE_COLUMNS)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from autoq.decoder import DecoderStructure
 from autoq.formats import FORMATS, Format
-from autoq.search_space import LayerChoice
+from autoq.search_space import LayerChoice, linear_weight
 
 
 @dataclass
@@ -24,8 +25,9 @@ class Target:
         return self.choice.name
 
     @property
-    def weight(self):
-        return self.module.weight
+    def weight(self) -> torch.Tensor:
+        """The layer's weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``)."""
+        return linear_weight(self.module)
 
 
 def build_targets(model: nn.Module, structure: DecoderStructure, choices: list[LayerChoice]) -> list[Target]:

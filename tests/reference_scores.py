@@ -18,6 +18,7 @@ from torch import nn
 
 from autoq.decoder import shared_input_readers
 from autoq.formats import FORMATS
+from autoq.search_space import linear_weight
 
 
 def reference_scores(
@@ -40,7 +41,8 @@ def reference_scores(
     for handle in handles:
         handle.remove()
 
-    weight_amax = {n: modules[n].weight.abs().amax().float() for n in layer_names}
+    weights = {n: linear_weight(modules[n]) for n in layer_names}
+    weight_amax = {n: weights[n].abs().amax().float() for n in layer_names}
     if fused_scales:
         readers = shared_input_readers(model, layer_names, batches[0][:1])
         weight_amax = {n: max(weight_amax[m] for m in layer_names if readers[m] == readers[n]) for n in layer_names}
@@ -65,7 +67,7 @@ def reference_scores(
                     module = modules[name]
                     for fmt_name in formats:
                         fmt = FORMATS[fmt_name]
-                        qweight = fmt.quantize_weight(module.weight, tensor_amax=weight_amax[name])
+                        qweight = fmt.quantize_weight(weights[name], tensor_amax=weight_amax[name])
                         diff = F.linear(fmt.quantize_input(x, amax[name]), qweight, module.bias) - y
                         totals[(name, fmt_name)] += (y.grad.float() * diff.float()).square().sum().item()
     finally:

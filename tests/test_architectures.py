@@ -14,8 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from autoq.decoder import DecoderStructure
 from autoq.errors import AutoqError
-from autoq.search_space import parse_search_space, select_layers
+from autoq.plan import Plan, plan_from_solution
+from autoq.search_space import linear_shape, parse_search_space, select_layers
 from autoq.sensitivity import ScoringOptions, SensitivityEngine
+from autoq.solver import Options, assign_groups, solve
 
 VOCAB = 256
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -38,22 +40,30 @@ def token_batches(count: int, rows: int, seq_len: int, seed: int = 0) -> list[to
     return [torch.randint(3, VOCAB, (rows, seq_len), generator=generator) for _ in range(count)]
 
 
-def engine_scores(model: torch.nn.Module, batches: list[torch.Tensor], **options) -> tuple[pd.Series, list]:
-    space = parse_search_space(f"formats: [{', '.join(FORMATS)}, BF16]", "test")
+def engine_table(model: torch.nn.Module, batches: list[torch.Tensor], lm_head: bool = True, **options) -> tuple[pd.DataFrame, list]:
+    space = parse_search_space(f"formats: [{', '.join(FORMATS)}, BF16]\nsearch_lm_head: {str(lm_head).lower()}", "test")
     choices = select_layers(model, space, DecoderStructure(model).lm_head_name)
     options = ScoringOptions(batch_size=len(batches[0]), progress=False, tokens_per_step=1, **options)
-    table = SensitivityEngine(model, choices, options).run(batches)
-    return table.set_index(["layer", "format"]).score, choices
+    return SensitivityEngine(model, choices, options).run(batches), choices
 
 
-def assert_scores_match_reference(model: torch.nn.Module, batches: list[torch.Tensor], **options) -> pd.Series:
-    ours, choices = engine_scores(model, batches, **options)
+def assert_scores_match_reference(model: torch.nn.Module, batches: list[torch.Tensor], **options) -> pd.DataFrame:
+    """Engine scores (every searched linear and the lm_head) equal the plain full-model reference."""
+    table, choices = engine_table(model, batches, **options)
+    ours = table.set_index(["layer", "format"]).score
     reference = reference_scores(model, [c.name for c in choices], batches, FORMATS)
     assert (reference > 0).all()
     compared = ours.loc[reference.index]
     relative = (compared - reference).abs() / reference
     assert relative.max() <= SCORE_TOLERANCE, relative.sort_values().tail()
-    return ours
+    return table
+
+
+def make_plan(table: pd.DataFrame, budget: float) -> Plan:
+    space = parse_search_space("formats: [FP8, NVFP4, BF16]", "test")
+    grouped = assign_groups(table, space)
+    solution = solve(Options.from_table(grouped), budget)
+    return plan_from_solution(grouped, solution.choice, budget_bits=budget, total_params=int(grouped.drop_duplicates("layer").params.sum()))
 
 
 def blockwise_error(structure: DecoderStructure, ids: torch.Tensor, calls: list) -> float:
@@ -105,3 +115,56 @@ def test_blocks_called_out_of_order_are_refused() -> None:
     structure.layers = layers  # the list autoq found, called by the model in another order
     with pytest.raises(AutoqError, match="out of order"):
         structure.embed(token_batches(1, 1, 8)[0])
+
+
+# Each architecture from its own config class, with the features that make its blocks or head
+# differ: sliding windows shorter than the sequence, per-layer-type masks and RoPE, soft-capped
+# logits, fused projections, transposed (Conv1D) linears, scaled logits and embeddings.
+DENSE = {
+    "llama": {},
+    "mistral": dict(sliding_window=16),
+    "qwen2": dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=16, final_logit_softcapping=0.3),
+    "gemma3_text": dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=0.3),
+    "phi3": {},
+    "olmo2": {},
+    "gpt_neox": {},
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
+    "granite": dict(logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", DENSE)
+def test_dense_architecture(model_type: str) -> None:
+    """Block-wise logits equal the full forward; scores (lm_head included) equal the full-model
+    reference; a plan comes out, with every searched layer in it."""
+    model = tiny_model(model_type, **DENSE[model_type])
+    batches = token_batches(2, 2, 48)
+    structure = DecoderStructure(model)
+    ids = batches[0][:1]
+    assert blockwise_error(structure, ids, structure.embed(ids)[1]) <= LOGITS_TOLERANCE
+    table = assert_scores_match_reference(model, batches)
+    assert table.layer.nunique() == sum(linear_shape(m) is not None for m in model.modules())  # Conv1D too
+    plan = make_plan(table, budget=7.0)
+    assert set(plan.layers) == set(table.layer) and plan.achieved["searched_effective_bits"] <= 7.0
+
+
+@pytest.mark.parametrize(("model_type", "config"), [
+    ("gemma2", dict(head_dim=16, final_logit_softcapping=0.3)),  # soft-capped logits, sqrt(d) embedding scale, tied
+    ("granite", dict(logits_scaling=4.0, embedding_multiplier=3.0)),  # logits divided by a scale
+])  # fmt: skip
+def test_heads_are_the_models_own_code(model_type: str, config: dict) -> None:
+    """These heads are more than ``lm_head(norm(h))``: the block-wise logits still equal the model's."""
+    model = tiny_model(model_type, **config)
+    structure = DecoderStructure(model)
+    ids = token_batches(1, 1, 32)[0]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits[0]
+        hidden, calls = structure.embed(ids)
+        for index in range(len(structure.layers)):
+            hidden = structure.run_block(index, hidden, calls)
+        naive = structure.lm_head(structure.decoder.norm(hidden))[0]
+        ours = structure.logits(structure.final_hidden(hidden, ids)[0])
+    assert (naive - reference).abs().max() > 0.1 * reference.abs().max()
+    assert (ours - reference).abs().max() <= LOGITS_TOLERANCE * reference.abs().max()
