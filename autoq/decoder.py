@@ -199,16 +199,16 @@ class DecoderStructure(HooksMixin):
         return max(1, HEAD_CHUNK_ELEMENTS // self.lm_head.out_features)
 
     @torch.no_grad()
-    def check_blockwise(self, input_ids: torch.Tensor, layer_names: list[str], tolerance: float = 1e-2) -> dict[str, str]:
+    def check_blockwise(self, input_ids: torch.Tensor, layers: dict[str, nn.Module], tolerance: float = 1e-2) -> dict[str, str]:
         """Fail clearly unless running the model block by block reproduces its own logits.
 
         One forward of the whole model gives the reference logits and finds the linears that
         share an input (``SharedInputReaders``); then the captured block inputs are replayed
         block by block and the head code run on the result. Passes if the largest logit
         difference is at most ``tolerance`` times the largest reference logit. Returns the
-        shared-input readers of ``layer_names``.
+        shared-input readers of ``layers`` (name -> module called with the layer's input).
         """
-        readers = SharedInputReaders(self.model, layer_names)
+        readers = SharedInputReaders(layers)
         with readers.observing():
             reference = self.model(input_ids=input_ids, use_cache=False).logits
         hidden, calls = self.embed(input_ids)
@@ -238,9 +238,8 @@ class SharedInputReaders(HooksMixin):
     inside ``observing``.
     """
 
-    def __init__(self, model: nn.Module, layer_names: list[str]):
-        self.modules = dict(model.named_modules())
-        self.layer_names = layer_names
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
         # id(tensor) -> (tensor, first reader); holding the tensor keeps its id from being reused.
         self._first_reader: dict[int, tuple[torch.Tensor, str]] = {}
         self._readers: dict[str, str] = {}
@@ -248,8 +247,8 @@ class SharedInputReaders(HooksMixin):
     @contextlib.contextmanager
     def observing(self) -> Iterator[None]:
         with self.hooks_attached():
-            for name in self.layer_names:
-                self.register_hook(self.modules[name], functools.partial(self._observe, name), "forward_pre")
+            for name, module in self.layers.items():
+                self.register_hook(module, functools.partial(self._observe, name), "forward_pre")
             yield
 
     def _observe(self, name: str, _module: nn.Module, args: tuple) -> None:
@@ -257,12 +256,13 @@ class SharedInputReaders(HooksMixin):
             self._readers[name] = self._first_reader.setdefault(id(args[0]), (args[0], name))[1]
 
     def result(self) -> dict[str, str]:
-        return {name: self._readers.get(name, name) for name in self.layer_names}
+        return {name: self._readers.get(name, name) for name in self.layers}
 
 
 def shared_input_readers(model: nn.Module, layer_names: list[str], input_ids: torch.Tensor) -> dict[str, str]:
-    """``SharedInputReaders`` from one forward pass of ``model`` on ``input_ids``."""
-    readers = SharedInputReaders(model, layer_names)
+    """``SharedInputReaders`` of the named linears from one forward pass of ``model`` on ``input_ids``."""
+    modules = dict(model.named_modules())
+    readers = SharedInputReaders({name: modules[name] for name in layer_names})
     with readers.observing(), torch.no_grad():
         model(input_ids=input_ids, use_cache=False)
     return readers.result()

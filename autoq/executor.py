@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 from torch.profiler import record_function
 
 from autoq.decoder import BlockCall, DecoderStructure
@@ -61,10 +62,10 @@ class BlockExecutor:
         """With streaming, let a plain ``model(...)`` call bring each block to the device in turn."""
         return self.streamer.plain_forward() if self.streamer is not None else contextlib.nullcontext()
 
-    def check_blockwise(self, sample: torch.Tensor, layer_names: list[str]) -> dict[str, str]:
+    def check_blockwise(self, sample: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, str]:
         """``DecoderStructure.check_blockwise`` on the device (streamed blocks too)."""
         with self._plain_forward():
-            return self.structure.check_blockwise(sample.to(self.device), layer_names)
+            return self.structure.check_blockwise(sample.to(self.device), layers)
 
     def _resident(self, index: int, step: int) -> contextlib.AbstractContextManager:
         """Block ``index`` on the device; with streaming, block ``index + step`` is prefetched meanwhile."""

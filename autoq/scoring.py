@@ -105,7 +105,10 @@ class ScoreHooks(HooksMixin):
                         pre_quant_scale = torch.stack([self.stats[t.name].pre_quant_scale[fmt.name] for t in sharing]).mean(0)
                     tensor_amax = torch.stack([fmt.smooth(t.weight, pre_quant_scale).abs().amax().float() for t in sharing]).amax()
                     for t in sharing:
-                        qweight = fmt.quantize_weight(t.weight, pre_quant_scale, tensor_amax)
+                        if t.experts:  # one weight scale per expert, as ModelOpt quantizes and exports them
+                            qweight = torch.stack([fmt.quantize_weight(w) for w in t.weight])
+                        else:
+                            qweight = fmt.quantize_weight(t.weight, pre_quant_scale, tensor_amax)
                         prepared[t.name].append(_Prepared(fmt, qweight, pre_quant_scale, self.stats[t.name].channel_amax))
         return prepared
 
@@ -129,11 +132,14 @@ class ScoreHooks(HooksMixin):
         source = args[0]
         x, y = source.detach(), output.detach()
         totals = self._totals[target.name]
+        # A fused-experts projection is called per expert: (tokens, expert, weight slice, bias).
+        expert, bias = (args[1], args[3]) if target.experts else (None, module.bias)
 
         def on_grad(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 for p in prepared:
-                    quantized_output = F.linear(self._quantized_input(source, x, p, shared), p.qweight, module.bias)
+                    qweight = p.qweight if expert is None else p.qweight[expert]
+                    quantized_output = F.linear(self._quantized_input(source, x, p, shared), qweight, bias)
                     totals[p.fmt.name] += fisher_term(grad, quantized_output, y)
 
         self.register_hook(output, on_grad, "grad")

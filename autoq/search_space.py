@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from torch import nn
 
 from autoq.errors import AutoqError
+from autoq.experts import fused_projections
 from autoq.formats import FORMATS, get_format
 
 _KEYS = {"name", "description", "formats", "include", "skip", "search_lm_head", "pin", "groups"}
@@ -137,21 +139,34 @@ def _string_list(raw: dict[str, Any], key: str, origin: str, required: bool = Fa
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """A linear layer to decide a format for: its candidate formats, or the one it is pinned to."""
+    """A linear layer to decide a format for: its candidate formats, or the one it is pinned to.
+
+    Fused MoE experts (``autoq.experts``) are one layer per 3-D projection: ``experts`` matrices
+    of ``out_features x in_features``, each exported as ``parts`` linears split along the output.
+    """
 
     name: str
     class_name: str
     out_features: int
     in_features: int
     candidates: tuple[str, ...]
+    experts: int = 1
+    parts: int = 1
 
     @property
     def params(self) -> int:
-        return self.out_features * self.in_features
+        return self.experts * self.out_features * self.in_features
 
     def storage_bits(self, fmt: str) -> int:
         """Bits the exported checkpoint spends on this layer in format ``fmt``."""
-        return FORMATS[fmt].storage_bits(self.out_features, self.in_features)
+        return self.experts * self.parts * FORMATS[fmt].storage_bits(self.out_features // self.parts, self.in_features)
+
+    def supports(self, fmt: str) -> bool:
+        """Whether the layer can be stored in ``fmt``. AWQ formats are not offered for fused
+        experts: ModelOpt 0.47's ``awq_lite`` does not calibrate them."""
+        if self.experts > 1 and FORMATS[fmt].awq:
+            return False
+        return FORMATS[fmt].supports(self.out_features // self.parts, self.in_features)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -174,28 +189,36 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
-def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str) -> list[LayerChoice]:
-    """Every linear layer the search space selects, with its candidate formats."""
-    choices = []
+def _layers(model: nn.Module) -> Iterator[LayerChoice]:
+    """Every layer autoq could search, with all formats as candidates."""
     for name, module in model.named_modules():
-        shape = linear_shape(module)
-        if shape is None:
-            continue
         class_name = type(module).__name__
+        shape = linear_shape(module)
+        if shape is not None:
+            yield LayerChoice(name, class_name, *shape, candidates=tuple(FORMATS))
+        for attr, parts in (fused_projections(module) or {}).items():
+            experts, out_f, in_f = getattr(module, attr).shape
+            yield LayerChoice(f"{name}.{attr}", class_name, out_f, in_f, tuple(FORMATS), experts=experts, parts=parts)
+
+
+def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str) -> list[LayerChoice]:
+    """Every linear layer (and fused-experts projection) the search space selects, with its candidate formats."""
+    choices = []
+    for layer in _layers(model):
+        name, class_name = layer.name, layer.class_name
         if name == lm_head_name and not space.search_lm_head:
             continue
         if not space.is_selected(name, class_name):
             continue
-        out_f, in_f = shape
         pinned = space.pinned_format(name, class_name)
         if pinned is not None:
-            if not FORMATS[pinned].supports(out_f, in_f):
-                raise AutoqError(f"{name} ({out_f}x{in_f}) is pinned to {pinned}, which cannot store that shape")
+            if not layer.supports(pinned):
+                raise AutoqError(f"{name} ({layer.out_features}x{layer.in_features}) is pinned to {pinned}, which cannot store that shape")
             candidates: tuple[str, ...] = (pinned,)
         else:
-            candidates = tuple(f for f in space.formats if FORMATS[f].supports(out_f, in_f))
+            candidates = tuple(f for f in space.formats if layer.supports(f))
         if candidates:
-            choices.append(LayerChoice(name, class_name, out_f, in_f, candidates))
+            choices.append(replace(layer, candidates=candidates))
     if not choices:
         raise AutoqError(f"search space '{space.name}' selects no quantizable linear layers in {type(model).__name__}")
     return choices

@@ -41,6 +41,7 @@ from autoq.calibration import LayerStats, StatsCollector
 from autoq.decoder import DecoderStructure
 from autoq.errors import log
 from autoq.executor import BlockExecutor
+from autoq.experts import ExpertRouting
 from autoq.formats import FORMATS
 from autoq.scoring import ScoreHooks
 from autoq.search_space import LayerChoice
@@ -123,20 +124,21 @@ class SensitivityEngine:
         self.executor = BlockExecutor(self.structure, self.device, self.store_device, options.stream_blocks)
         self.targets = build_targets(model, self.structure, choices)
         self.by_block = by_block(self.targets)
+        self.routing = ExpertRouting([t.module for t in self.targets if t.experts])
 
     def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         """Score table (``SCORE_COLUMNS``), from the cache when this exact work was done before."""
         if self.cache is not None and (cached := self.cache.load_table()) is not None:
             return cached
         self.executor.freeze_parameters()
-        with self.executor.placed():
+        with self.executor.placed(), self.routing.attached():
             table = self._scores(token_batches)
         if self.cache is not None:
             self.cache.save_table(table)
         return table
 
     def _scores(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
-        readers = self.executor.check_blockwise(token_batches[0][:1], [t.name for t in self.targets])
+        readers = self.executor.check_blockwise(token_batches[0][:1], {t.name: t.module for t in self.targets})
         per_step = batches_per_step(token_batches, self.options.tokens_per_step)
         steps, self._row_weights = make_steps(token_batches, per_step)
         layout = {"batches_per_step": per_step, "steps": len(steps)}

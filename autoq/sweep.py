@@ -31,7 +31,7 @@ from autoq.cache import _atomic_write
 from autoq.checkpoint import load_fake_quant_model
 from autoq.errors import AutoqError
 from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
-from autoq.formats import FORMATS, average_bits
+from autoq.formats import FORMATS
 from autoq.plan import LayerPlan, Plan, creation_info
 from autoq.search_space import LayerChoice
 
@@ -65,13 +65,14 @@ class Row:
 def uniform_formats(choices: list[LayerChoice], fmt: str) -> dict[str, str]:
     """Every searched layer in ``fmt`` where its shape allows, else BF16 (a pinned layer keeps its pin)."""
     return {
-        c.name: c.candidates[0] if len(c.candidates) == 1 else (fmt if FORMATS[fmt].supports(c.out_features, c.in_features) else "BF16")
+        c.name: c.candidates[0] if len(c.candidates) == 1 else (fmt if c.supports(fmt) else "BF16")
         for c in choices
     }
 
 
 def searched_bits(formats: dict[str, str], choices: list[LayerChoice]) -> float:
-    return average_bits(formats, {c.name: (c.out_features, c.in_features) for c in choices})
+    """Stored bits per weight of the searched layers in ``formats`` (missing: BF16); fused experts count every expert."""
+    return sum(c.storage_bits(formats.get(c.name, "BF16")) for c in choices) / sum(c.params for c in choices)
 
 
 def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt_state: dict | None) -> list[Row]:

@@ -1,4 +1,4 @@
-"""The layers the sensitivity engine scores: each searched linear with its block and formats."""
+"""The layers the sensitivity engine scores: each searched linear (or fused-experts projection) with its block and formats."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from autoq.decoder import DecoderStructure
+from autoq.experts import ExpertProjection
 from autoq.formats import FORMATS, Format
 from autoq.search_space import LayerChoice, linear_weight
 
@@ -26,15 +27,28 @@ class Target:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The layer's weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``)."""
-        return linear_weight(self.module)
+        """The layer's weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``);
+        ``(experts, out_features, in_features)`` for fused experts."""
+        return self.module.weight if self.experts else linear_weight(self.module)
+
+    @property
+    def experts(self) -> bool:
+        return isinstance(self.module, ExpertProjection)
 
 
 def build_targets(model: nn.Module, structure: DecoderStructure, choices: list[LayerChoice]) -> list[Target]:
+    """One target per choice; a fused-experts projection gets an ``ExpertProjection`` to hook."""
     modules = dict(model.named_modules())
+
+    def module_of(choice: LayerChoice) -> nn.Module:
+        if choice.experts > 1:
+            parent, _, attr = choice.name.rpartition(".")
+            return ExpertProjection(modules[parent], attr)
+        return modules[choice.name]
+
     return [
         Target(
-            choice=c, module=modules[c.name], block=structure.block_index(c.name),
+            choice=c, module=module_of(c), block=structure.block_index(c.name),
             formats=[FORMATS[f] for f in c.candidates if FORMATS[f].quantized],
         )
         for c in choices

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from autoq.decoder import DecoderStructure
 from autoq.errors import AutoqError
 from autoq.plan import Plan, plan_from_solution
-from autoq.search_space import linear_shape, parse_search_space, select_layers
+from autoq.search_space import linear_shape, load_search_space, parse_search_space, select_layers
 from autoq.sensitivity import ScoringOptions, SensitivityEngine
 from autoq.solver import Options, assign_groups, solve
 
@@ -41,7 +41,11 @@ def token_batches(count: int, rows: int, seq_len: int, seed: int = 0) -> list[to
 
 
 def engine_table(model: torch.nn.Module, batches: list[torch.Tensor], lm_head: bool = True, **options) -> tuple[pd.DataFrame, list]:
-    space = parse_search_space(f"formats: [{', '.join(FORMATS)}, BF16]\nsearch_lm_head: {str(lm_head).lower()}", "test")
+    """Every linear (routers and gates skipped, as in the built-in spaces) and the lm_head."""
+    space = parse_search_space(
+        f"formats: [{', '.join(FORMATS)}, BF16]\nsearch_lm_head: {str(lm_head).lower()}\n"
+        "skip: ['*router*', '*mlp.gate', '*shared_expert_gate*']", "test"
+    )  # fmt: skip
     choices = select_layers(model, space, DecoderStructure(model).lm_head_name)
     options = ScoringOptions(batch_size=len(batches[0]), progress=False, tokens_per_step=1, **options)
     return SensitivityEngine(model, choices, options).run(batches), choices
@@ -168,3 +172,43 @@ def test_heads_are_the_models_own_code(model_type: str, config: dict) -> None:
         ours = structure.logits(structure.final_hidden(hidden, ids)[0])
     assert (naive - reference).abs().max() > 0.1 * reference.abs().max()
     assert (ours - reference).abs().max() <= LOGITS_TOLERANCE * reference.abs().max()
+
+
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_moe_fused_experts(model_type: str) -> None:
+    """transformers 5 keeps each layer's experts in two 3-D parameters. Each is searched as one
+    layer scored with every expert's real routed tokens (equal to the full-model reference), its
+    bits count every expert as exported, both projections of a layer form one group, and the
+    router stays unquantized."""
+    model = tiny_model(model_type, **MOE[model_type])
+    batches = token_batches(2, 2, 48)
+    structure = DecoderStructure(model)
+    ids = batches[0][:1]
+    assert blockwise_error(structure, ids, structure.embed(ids)[1]) <= LOGITS_TOLERANCE
+    table = assert_scores_match_reference(model, batches)
+
+    experts = model.model.layers[0].mlp.experts
+    count, inter2, hidden = experts.gate_up_proj.shape
+    gate_up = table.set_index(["layer", "format"]).loc["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.params.iloc[0] == count * inter2 * hidden
+    # exported as gate_proj and up_proj per expert, each with its own weight and input scales
+    assert gate_up.loc["FP8", "bits"] == count * 2 * (inter2 // 2 * hidden * 8 + 32 + 32)
+    assert set(table.format[table.layer.str.contains("experts")]) == {"FP8", "NVFP4", "BF16"}
+
+    default = load_search_space("default")
+    searched = {c.name for c in select_layers(model, default, "lm_head")}
+    assert "model.layers.1.mlp.experts.down_proj" in searched
+    assert not any("gate" in name.rsplit(".", 1)[-1] and "proj" not in name for name in searched)  # no router
+    assert all(c.candidates == ("NVFP4", "FP8", "BF16") for c in select_layers(model, default, "lm_head") if c.experts > 1)
+    grouped = assign_groups(table, default)
+    groups = grouped.drop_duplicates("layer").set_index("layer").group
+    assert groups["model.layers.0.mlp.experts.gate_up_proj"] == groups["model.layers.0.mlp.experts.down_proj"]
+    plan = make_plan(table, budget=7.0)
+    assert plan.layers["model.layers.0.mlp.experts.down_proj"].format in ("FP8", "NVFP4", "BF16")
