@@ -131,7 +131,10 @@ class DecoderStructure(HooksMixin):
             return None
         prefix = self.layer_prefix + "."
         if not layer_name.startswith(prefix):
-            raise AutoqError(f"layer {layer_name} is neither inside a decoder block nor the lm_head")
+            raise AutoqError(
+                f"layer {layer_name} is outside the decoder blocks ({self.layer_prefix}.*) and is not the lm_head: "
+                "autoq searches a model's language decoder only (skip vision towers and other encoders in the search space)"
+            )
         return int(layer_name[len(prefix) :].split(".", 1)[0])
 
     def _stub_blocks(self, stub) -> None:

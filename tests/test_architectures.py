@@ -41,11 +41,11 @@ def token_batches(count: int, rows: int, seq_len: int, seed: int = 0) -> list[to
 
 
 def engine_table(model: torch.nn.Module, batches: list[torch.Tensor], lm_head: bool = True, **options) -> tuple[pd.DataFrame, list]:
-    """Every linear (routers and gates skipped, as in the built-in spaces) and the lm_head."""
+    """Every linear but what the built-in spaces skip (routers, gates, vision towers), and the lm_head."""
+    skip = ", ".join(f"'{pattern}'" for pattern in load_search_space("default").skip)
     space = parse_search_space(
-        f"formats: [{', '.join(FORMATS)}, BF16]\nsearch_lm_head: {str(lm_head).lower()}\n"
-        "skip: ['*router*', '*mlp.gate', '*shared_expert_gate*']", "test"
-    )  # fmt: skip
+        f"formats: [{', '.join(FORMATS)}, BF16]\nsearch_lm_head: {str(lm_head).lower()}\nskip: [{skip}]", "test"
+    )
     choices = select_layers(model, space, DecoderStructure(model).lm_head_name)
     options = ScoringOptions(batch_size=len(batches[0]), progress=False, tokens_per_step=1, **options)
     return SensitivityEngine(model, choices, options).run(batches), choices
@@ -212,3 +212,47 @@ def test_moe_fused_experts(model_type: str) -> None:
     assert groups["model.layers.0.mlp.experts.gate_up_proj"] == groups["model.layers.0.mlp.experts.down_proj"]
     plan = make_plan(table, budget=7.0)
     assert plan.layers["model.layers.0.mlp.experts.down_proj"].format in ("FP8", "NVFP4", "BF16")
+
+
+def vision_language_model(model_type: str) -> torch.nn.Module:
+    """Gemma 3 (which autoq loads through AutoModelForCausalLM) or Qwen2-VL (mrope positions),
+    a tiny vision tower in front of the language model."""
+    torch.manual_seed(0)
+    text = {**SMALL, "vocab_size": VOCAB + 8}
+    if model_type == "gemma3":
+        config = AutoConfig.for_model(
+            "gemma3", text_config={**text, "head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+            mm_tokens_per_image=4, image_token_index=VOCAB + 7, boi_token_index=VOCAB + 5, eoi_token_index=VOCAB + 6,
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        config = AutoConfig.for_model(
+            "qwen2_vl", text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+            image_token_id=VOCAB + 7, video_token_id=VOCAB + 6, vision_start_token_id=VOCAB + 5,
+        )  # fmt: skip
+        model = Qwen2VLForConditionalGeneration(config)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "qwen2_vl"])
+def test_vision_language_model_searches_its_language_model(model_type: str) -> None:
+    """The language model of a VLM is searched, on text; the default space skips the vision
+    tower, and a space that selects it gets one clear error."""
+    model = vision_language_model(model_type)
+    batches = token_batches(2, 2, 48)
+    structure = DecoderStructure(model)
+    assert structure.layer_prefix == "model.language_model.layers"
+    ids = batches[0][:1]
+    assert blockwise_error(structure, ids, structure.embed(ids)[1]) <= LOGITS_TOLERANCE
+    table = assert_scores_match_reference(model, batches)
+    assert table.layer.str.startswith("model.language_model.layers.").sum() == len(table) - 3  # and the lm_head
+    make_plan(table, budget=7.0)
+    vision = [n for n, m in model.named_modules() if linear_shape(m) and ("visual" in n or "vision" in n)]
+    assert vision and not set(vision) & {c.name for c in select_layers(model, load_search_space("default"), "lm_head")}
+    everything = select_layers(model, parse_search_space("formats: [FP8]", "test"), "lm_head")
+    with pytest.raises(AutoqError, match="outside the decoder blocks .* language decoder only"):
+        SensitivityEngine(model, everything, ScoringOptions(progress=False))
