@@ -23,6 +23,7 @@ from autoq.decoder import shared_input_readers
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
 from autoq.plan import Plan
+from autoq.search_space import all_layers
 from autoq.verify import VerifyReport, verify_checkpoint
 
 
@@ -35,30 +36,39 @@ def modelopt_quietly() -> Iterator[None]:
         yield
 
 
+def _quantizer_name(layer: str, quantizer: str) -> str:
+    """ModelOpt's name for a quantizer of ``layer``. A fused-experts projection (``...experts.gate_up_proj``)
+    has one input quantizer and one weight quantizer per expert (``_QuantFusedExperts``)."""
+    parent, _, attr = layer.rpartition(".")
+    if attr in ("gate_up_proj", "up_proj", "down_proj") and parent.endswith(".experts"):
+        return f"{layer}_input_quantizer" if quantizer == "input_quantizer" else f"{layer}_weight_quantizers.*"
+    return f"{layer}.{quantizer}"
+
+
 def modelopt_config(formats: dict[str, str]) -> dict:
     """The ModelOpt quantize config realising ``formats`` (layer name -> format name)."""
     quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, fmt_name in formats.items():
         for quantizer, cfg in FORMATS[fmt_name].modelopt_quantizer_cfgs().items():
             if cfg is not None:
-                quant_cfg.append({"quantizer_name": f"{name}.{quantizer}", "cfg": cfg})
+                quant_cfg.append({"quantizer_name": _quantizer_name(name, quantizer), "cfg": cfg})
     return {"quant_cfg": quant_cfg, "algorithm": "max"}
 
 
 def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids: torch.Tensor) -> None:
-    """Every planned layer exists, is linear, fits its format, and fused layers agree."""
+    """Every planned layer exists, is linear (or a fused-experts projection), fits its format, and fused layers agree."""
     modules = dict(model.named_modules())
-    missing = [name for name in formats if name not in modules]
+    layers = {layer.name: layer for layer in all_layers(model)}
+    missing = [name for name in formats if name not in layers and name not in modules]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise AutoqError(f"plan names {len(missing)} layer(s) the model does not have: {shown}")
     for name, fmt_name in formats.items():
-        module = modules[name]
-        if not isinstance(module, nn.Linear):
-            raise AutoqError(f"plan layer {name} is a {type(module).__name__}, not a linear layer")
-        if not FORMATS[fmt_name].supports(module.out_features, module.in_features):
-            raise AutoqError(f"{name} ({module.out_features}x{module.in_features}) cannot be stored as {fmt_name}")
-    readers = shared_input_readers(model, list(formats), sample_ids)
+        if name not in layers:
+            raise AutoqError(f"plan layer {name} is a {type(modules[name]).__name__}, not a linear layer")
+        if not layers[name].supports(fmt_name):
+            raise AutoqError(f"{name} ({layers[name].out_features}x{layers[name].in_features}) cannot be stored as {fmt_name}")
+    readers = shared_input_readers(model, [name for name in formats if name in modules], sample_ids)
     fused: dict[str, list[str]] = {}
     for name, first in readers.items():
         fused.setdefault(first, []).append(name)
@@ -147,6 +157,37 @@ def _as_exported(model: nn.Module) -> nn.Module:
     return model
 
 
+def exported_layer_formats(model: nn.Module, formats: dict[str, str]) -> dict[str, str]:
+    """``formats`` under the names ModelOpt's export writes.
+
+    The export restores the hub checkpoint's names where transformers renamed modules on load
+    (Mixtral's ``mlp`` is ``block_sparse_moe`` again), and writes a fused-experts projection as
+    per-expert linears under the experts module (``...experts.<e>.gate_proj``, ``up_proj``,
+    ``down_proj``, or the hub's ``w1``/``w3``/``w2``), which hf_quant_config lists once.
+    """
+    from modelopt.torch.export.quant_aware_conversion import QuantConversionUnsupportedError, build_reverse_name_mapper
+
+    try:
+        mapper = build_reverse_name_mapper(model)
+    except QuantConversionUnsupportedError:
+        mapper = None
+
+    def exported(name: str) -> str:
+        return mapper(f"{name}.weight").removesuffix(".weight") if mapper else name
+
+    modules = dict(model.named_modules())
+    result = {}
+    for name, fmt in formats.items():
+        parent, _, attr = name.rpartition(".")
+        projection = getattr(modules.get(parent), attr, None)
+        if isinstance(projection, nn.Parameter) and projection.dim() == 3:  # the experts module, named through its first expert
+            leaf = {"gate_up_proj": "gate_proj"}.get(attr, attr)
+            result[exported(f"{parent}.0.{leaf}").rsplit(".", 2)[0]] = fmt
+        else:
+            result[exported(name)] = fmt
+    return result
+
+
 def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, overwrite: bool = False) -> VerifyReport:
     """Export a ModelOpt-quantized model as a unified HF checkpoint, verified, all or nothing.
 
@@ -155,12 +196,13 @@ def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, ov
     from modelopt.torch.export import export_hf_checkpoint
 
     dtype = next(model.parameters()).dtype
+    exported_formats = exported_layer_formats(model, plan.formats())
     with atomic_output_dir(out_dir, overwrite) as tmp:
         with modelopt_quietly():
             export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "autoq_plan.json")
-        report = verify_checkpoint(tmp, plan.formats())
+        report = verify_checkpoint(tmp, exported_formats)
         if report.problems:
             raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
     return report

@@ -189,8 +189,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
-def _layers(model: nn.Module) -> Iterator[LayerChoice]:
-    """Every layer autoq could search, with all formats as candidates."""
+def all_layers(model: nn.Module) -> Iterator[LayerChoice]:
+    """Every layer autoq could search (linears, Conv1D, fused-experts projections), all formats as candidates."""
     for name, module in model.named_modules():
         class_name = type(module).__name__
         shape = linear_shape(module)
@@ -204,7 +204,7 @@ def _layers(model: nn.Module) -> Iterator[LayerChoice]:
 def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str) -> list[LayerChoice]:
     """Every linear layer (and fused-experts projection) the search space selects, with its candidate formats."""
     choices = []
-    for layer in _layers(model):
+    for layer in all_layers(model):
         name, class_name = layer.name, layer.class_name
         if name == lm_head_name and not space.search_lm_head:
             continue

@@ -109,6 +109,7 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bo
     if quant.get("quant_algo") != expected_algo:
         report.problems.append(f"hf_quant_config quant_algo is {quant.get('quant_algo')!r}, expected {expected_algo!r}")
     listed = quant.get("quantized_layers")
+    formats = _per_linear(formats, headers)
     for name, fmt_name in formats.items():
         fmt = FORMATS[fmt_name]
         weight = headers.get(f"{name}.weight")
@@ -139,7 +140,7 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bo
             if extra:
                 report.problems.append(f"{name} (BF16): unexpected quantization tensors {extra}")
         if listed is not None:
-            entry = listed.get(name, {}).get("quant_algo")
+            entry = listed.get(_listed_as(name, listed), {}).get("quant_algo")
             if entry != fmt.hf_quant_algo:
                 report.problems.append(f"{name}: hf_quant_config lists {entry!r}, expected {fmt.hf_quant_algo!r}")
         elif fmt.quantized and expected_algo == "MIXED_PRECISION":
@@ -149,6 +150,22 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bo
     report.problems += _kv_cache_problems(quant, headers)
     report.problems += _lm_head_problems(formats, quant, headers)
     return report
+
+
+def _per_linear(formats: dict[str, str], headers: dict[str, TensorInfo]) -> dict[str, str]:
+    """Each layer of ``formats``, a module that holds several linears standing for each of them
+    (ModelOpt lists fused MoE experts once, as ``...experts``, and stores one linear per expert)."""
+    expanded = {}
+    for name, fmt in formats.items():
+        inside = sorted({k.removesuffix(".weight") for k in headers if k.startswith(f"{name}.") and k.endswith(".weight")})
+        expanded.update({name: fmt} if f"{name}.weight" in headers or not inside else dict.fromkeys(inside, fmt))
+    return expanded
+
+
+def _listed_as(name: str, listed: dict) -> str:
+    """The hf_quant_config entry covering linear ``name``: its own, else its nearest listed ancestor."""
+    parts = name.split(".")
+    return next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in listed), name)
 
 
 def _missing_files(checkpoint: Path, quantized: bool) -> list[str]:

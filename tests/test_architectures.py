@@ -214,11 +214,11 @@ def test_moe_fused_experts(model_type: str) -> None:
     assert plan.layers["model.layers.0.mlp.experts.down_proj"].format in ("FP8", "NVFP4", "BF16")
 
 
-def vision_language_model(model_type: str) -> torch.nn.Module:
+def vision_language_model(model_type: str, **shape) -> torch.nn.Module:
     """Gemma 3 (which autoq loads through AutoModelForCausalLM) or Qwen2-VL (mrope positions),
     a tiny vision tower in front of the language model."""
     torch.manual_seed(0)
-    text = {**SMALL, "vocab_size": VOCAB + 8}
+    text = {**SMALL, "vocab_size": VOCAB + 8, **shape}
     if model_type == "gemma3":
         config = AutoConfig.for_model(
             "gemma3", text_config={**text, "head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
@@ -229,8 +229,10 @@ def vision_language_model(model_type: str) -> torch.nn.Module:
     else:
         from transformers import Qwen2VLForConditionalGeneration
 
+        half_head = text["hidden_size"] // text["num_attention_heads"] // 2
+        sections = [half_head // 4, 3 * half_head // 8, 3 * half_head // 8]
         config = AutoConfig.for_model(
-            "qwen2_vl", text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+            "qwen2_vl", text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": sections}},
             vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
             image_token_id=VOCAB + 7, video_token_id=VOCAB + 6, vision_start_token_id=VOCAB + 5,
         )  # fmt: skip
@@ -256,3 +258,52 @@ def test_vision_language_model_searches_its_language_model(model_type: str) -> N
     everything = select_layers(model, parse_search_space("formats: [FP8]", "test"), "lm_head")
     with pytest.raises(AutoqError, match="outside the decoder blocks .* language decoder only"):
         SensitivityEngine(model, everything, ScoringOptions(progress=False))
+
+
+# Wide enough for W4A8 (in_features a multiple of 128), in bf16 as exported checkpoints are.
+EXPORT_SHAPE = dict(hidden_size=128, intermediate_size=256)
+EXPORT_CASES = {
+    **{t: {**c, **EXPORT_SHAPE} for t, c in DENSE.items() if t != "gpt2"},
+    "gpt2": dict(n_embd=128, n_layer=2, n_head=4),
+    **{t: {**c, **EXPORT_SHAPE, "moe_intermediate_size": 128} for t, c in MOE.items()},
+    "gemma3": "vlm", "qwen2_vl": "vlm",
+}  # fmt: skip
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>")
+
+
+@pytest.mark.parametrize("model_type", EXPORT_CASES)
+def test_export_and_verify(model_type: str, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """A mixed plan (block 0 FP8; block 1 W4A8 where the shape and layer allow it, else BF16) is
+    applied and exported with ModelOpt, passes autoq's verification inside the export and
+    ``autoq verify`` on the result; fused experts are stored per expert, at the plan's bits."""
+    from autoq.apply import apply_plan, export_checkpoint
+    from autoq.cli import main
+    from autoq.plan import LayerPlan
+
+    config = EXPORT_CASES[model_type]
+    model = vision_language_model(model_type, **EXPORT_SHAPE) if config == "vlm" else tiny_model(model_type, **config)
+    model = model.to(torch.bfloat16)
+    model.config.architectures = [type(model).__name__]
+    structure = DecoderStructure(model)
+    space = parse_search_space(f"formats: [FP8, W4A8, BF16]\nskip: {list(load_search_space('default').skip)}", "test")
+    choices = select_layers(model, space, structure.lm_head_name)
+    formats = {}
+    for c in choices:
+        wanted = "FP8" if structure.block_index(c.name) == 0 else "W4A8"
+        formats[c.name] = wanted if wanted in c.candidates else "BF16"
+    apply_plan(model, formats, token_batches(2, 2, 32), progress=False)
+    report = export_checkpoint(model, tiny_tokenizer(), Plan(layers={n: LayerPlan(format=f) for n, f in formats.items()}), tmp_path / "ckpt")
+    assert main(["verify", str(tmp_path / "ckpt")]) == 0, capsys.readouterr()
+    for c in choices:
+        if c.experts > 1 and formats[c.name] == "FP8":  # every expert's linears, stored at the planned bits
+            leaves = ("down_proj", "w2") if c.name.endswith("down_proj") else ("gate_proj", "up_proj", "w1", "w3")
+            layer = c.name.split(".mlp.")[0] + "."
+            stored = [n for n in report.layer_bits if n.startswith(layer) and n.rsplit(".", 1)[1] in leaves and ".experts." in n]
+            assert len(stored) == c.experts * c.parts
+            assert sum(report.layer_bits[n] for n in stored) == c.storage_bits("FP8")
