@@ -105,7 +105,7 @@ class ScoreHooks(HooksMixin):
                         pre_quant_scale = torch.stack([self.stats[t.name].pre_quant_scale[fmt.name] for t in sharing]).mean(0)
                     tensor_amax = torch.stack([fmt.smooth(t.weight, pre_quant_scale).abs().amax().float() for t in sharing]).amax()
                     for t in sharing:
-                        if t.experts:  # one weight scale per expert, as ModelOpt quantizes and exports them
+                        if t.fused_experts:  # one weight scale per expert, as ModelOpt quantizes and exports them
                             qweight = torch.stack([fmt.quantize_weight(w) for w in t.weight])
                         else:
                             qweight = fmt.quantize_weight(t.weight, pre_quant_scale, tensor_amax)
@@ -133,7 +133,7 @@ class ScoreHooks(HooksMixin):
         x, y = source.detach(), output.detach()
         totals = self._totals[target.name]
         # A fused-experts projection is called per expert: (tokens, expert, weight slice, bias).
-        expert, bias = (args[1], args[3]) if target.experts else (None, module.bias)
+        expert, bias = (args[1], args[3]) if target.fused_experts else (None, module.bias)
 
         def on_grad(grad: torch.Tensor) -> None:
             with torch.no_grad():

@@ -18,6 +18,7 @@ The engine puts the parts together, each in its own module:
 * ``autoq.calibration``: pass 1 collects per-channel amax and AWQ statistics, then searches
   AWQ scales; the same pass keeps the first chunk's block inputs for pass 2;
 * ``autoq.scoring``: pass 2's hooks, which turn each layer's output gradient into its scores;
+* ``autoq.experts``: MoE experts fused in 3-D parameters, seen expert by expert by those hooks;
 * ``autoq.cache``: finished tables, statistics and chunks on disk, so runs resume.
 Parameters never require gradients, so no weight gradient is ever computed.
 """
@@ -124,7 +125,7 @@ class SensitivityEngine:
         self.executor = BlockExecutor(self.structure, self.device, self.store_device, options.stream_blocks)
         self.targets = build_targets(model, self.structure, choices)
         self.by_block = by_block(self.targets)
-        self.routing = ExpertRouting([t.module for t in self.targets if t.experts])
+        self.routing = ExpertRouting([t.module for t in self.targets if t.fused_experts])
 
     def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         """Score table (``SCORE_COLUMNS``), from the cache when this exact work was done before."""

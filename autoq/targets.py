@@ -29,10 +29,10 @@ class Target:
     def weight(self) -> torch.Tensor:
         """The layer's weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``);
         ``(experts, out_features, in_features)`` for fused experts."""
-        return self.module.weight if self.experts else linear_weight(self.module)
+        return self.module.weight if self.fused_experts else linear_weight(self.module)
 
     @property
-    def experts(self) -> bool:
+    def fused_experts(self) -> bool:
         return isinstance(self.module, ExpertProjection)
 
 
@@ -41,10 +41,10 @@ def build_targets(model: nn.Module, structure: DecoderStructure, choices: list[L
     modules = dict(model.named_modules())
 
     def module_of(choice: LayerChoice) -> nn.Module:
-        if choice.experts > 1:
-            parent, _, attr = choice.name.rpartition(".")
-            return ExpertProjection(modules[parent], attr)
-        return modules[choice.name]
+        if choice.name in modules:
+            return modules[choice.name]
+        parent, _, attr = choice.name.rpartition(".")  # a fused-experts parameter
+        return ExpertProjection(modules[parent], attr)
 
     return [
         Target(
