@@ -28,7 +28,7 @@ def _budgets(text: str) -> list[float]:
 
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF model directory or hub id (default: ../shared/models, else a synthetic Llama)")
+    parser.add_argument("--model", help="HF model directory, hub id, .gguf file, or 'synthetic' (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--space", default="default", help="search space: built-in name or YAML path (default: default)")
     parser.add_argument("--calib", default="default", help="calibration text: default | FILE.txt | FILE.jsonl | DATASET_DIR | HUB_NAME[:CONFIG]")
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: 64)")
@@ -130,10 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default="ppl,kl", help="ppl, kl and/or lm-eval task names, e.g. mmlu (default: ppl,kl)")
-    parser.add_argument("--mmlu-dir", type=Path, default=None, help="local MMLU in the original CSV layout (offline)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks (MMLU: 5 or 0)")
-    parser.add_argument("--limit", type=int, default=None, help="lm-eval examples per task (per MMLU subject)")
+    parser.add_argument("--tasks", default="ppl,kl",
+                        help="ppl, kl, wikitext2, lambada, arc_easy, piqa, mmlu, TASK:SHOTS (e.g. mmlu:5) or any lm-eval task (default: ppl,kl)")  # fmt: skip
+    parser.add_argument("--eval-data", type=Path, default=None,
+                        help="local data for wikitext2/lambada/arc_easy/piqa/mmlu (default: $AUTOQ_EVAL_DATA; neither: the hub)")  # fmt: skip
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks without :SHOTS")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval documents per task (per MMLU subject)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="lm-eval's longest input, e.g. WikiText's rolling window (default: the model's context)")  # fmt: skip
     parser.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for ppl/kl (default: 32)")
 
 
@@ -221,57 +225,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    if not tasks:
-        raise AutoqError("--tasks is empty")
-    return tasks
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    import copy
     import json
 
-    from autoq.apply import apply_plan
-    from autoq.checkpoint import load_fake_quant_model
-    from autoq.data import load_tokens
-    from autoq.default_model import default_model
-    from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
-    from autoq.model import load_model, load_tokenizer, resolve_model
-    from autoq.plan import load_plan
+    from autoq import pipeline
+    from autoq.cache import _atomic_write
+    from autoq.evaluate import EvalSpec, check_checkpoint_dir, evaluate_target
 
-    tasks = _tasks(args.tasks)
-    plan = load_plan(args.plan) if args.plan else None
-    source = resolve_model(args.model) if args.model else default_model()
-    tokenizer = load_tokenizer(source)
-    device = args.device or _default_device()
-    reference = load_model(source, dtype=args.dtype, device=device)
-    calibration = load_tokens(args.calib, tokenizer, args.calib_samples, args.seq_len)
-    heldout = load_tokens(args.calib, tokenizer, args.eval_samples, args.seq_len, skip_samples=args.calib_samples, purpose="held-out evaluation")
-    if plan is not None:
-        model = apply_plan(copy.deepcopy(reference), plan.formats(), calibration.batches(args.batch_size), progress=not args.no_progress)
-    elif args.checkpoint is not None:
-        model = load_fake_quant_model(args.checkpoint, device=device)
-    else:
-        model = reference
-    metrics: dict = {}
-    if "ppl" in tasks:
-        metrics["ppl"] = perplexity(model, heldout.batches(args.batch_size))
-    if "kl" in tasks:
-        metrics["kl"] = mean_kl(reference, model, heldout.batches(args.batch_size))
-    lm_tasks = [t for t in tasks if t not in PROXY_TASKS]
-    raw = None
-    if lm_tasks:
-        raw = run_lm_eval(model, tokenizer, lm_tasks, mmlu_dir=args.mmlu_dir, few_shot=args.num_fewshot, limit=args.limit,
-                          batch_size=args.batch_size)  # fmt: skip
-        metrics.update(summarize_lm_eval(raw))
-    result = {"model": source.name, "plan": str(args.plan) if args.plan else None,
-              "checkpoint": str(args.checkpoint) if args.checkpoint else None, "metrics": metrics,
-              "heldout": heldout.describe(), "lm_eval": raw and {"results": raw.get("results"), "groups": raw.get("groups")}}  # fmt: skip
-    print(json.dumps(metrics, indent=2))
+    spec = EvalSpec.parse(args.tasks, args.eval_data, default_shots=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                          max_length=args.max_length)  # fmt: skip
+    if args.checkpoint is not None:
+        check_checkpoint_dir(args.checkpoint)  # before resolving (maybe converting) the reference model
+    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
+    result = evaluate_target(work, spec, plan_path=args.plan, checkpoint=args.checkpoint, eval_samples=args.eval_samples,
+                             dtype=args.dtype, device=args.device or _default_device(), progress=not args.no_progress)  # fmt: skip
+    print(json.dumps(result["metrics"], indent=2))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+        _atomic_write(args.out, lambda path: path.write_text(json.dumps(result, indent=2, default=str)))
     return 0
 
 
@@ -284,17 +254,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     unknown = set(baselines) - {"bf16", "fp8", "w4a8", "nvfp4", "modelopt"}
     if unknown:
         raise AutoqError(f"unknown baselines {sorted(unknown)}; choose from bf16, fp8, w4a8, nvfp4, modelopt")
+    config = SweepConfig(
+        budgets=args.bits, tasks=args.tasks.split(","), baselines=baselines, eval_samples=args.eval_samples,
+        eval_data=str(args.eval_data) if args.eval_data else None, few_shot=args.num_fewshot, limit=args.limit,
+        max_length=args.max_length, batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints,
+    )  # fmt: skip
+    config.eval_spec()  # unknown tasks or missing eval data: fail before any model work
     work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
     if work.synthetic:
         pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
     options = ScoringOptions(objective=args.objective, batch_size=args.batch_size, device=args.device,
                              stream_blocks=args.stream_blocks, chunk_steps=args.chunk_steps, progress=not args.no_progress)  # fmt: skip
     scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
-    config = SweepConfig(
-        budgets=args.bits, tasks=_tasks(args.tasks), baselines=baselines, eval_samples=args.eval_samples,
-        mmlu_dir=str(args.mmlu_dir) if args.mmlu_dir else None, few_shot=args.num_fewshot, limit=args.limit,
-        batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints,
-    )  # fmt: skip
     table = run_sweep(work, scores, config, args.out, args.dtype, options.device or _default_device(), args.objective, not args.no_progress)
     columns = [c for c in ["method", "budget_bits", "searched_bits", "size_bytes", "ppl", "kl", "mmlu_acc"] if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.5g}"))

@@ -1,19 +1,19 @@
-"""Evaluation: fast proxies (perplexity, KL to the BF16 model) and lm-eval tasks (MMLU ...).
+"""The evaluation stage: a model against its BF16 reference, on proxies and lm-eval tasks.
 
-* ``perplexity`` / ``mean_kl`` run on held-out tokens (the slice right after the calibration
-  tokens), so no benchmark data is needed: the default metrics of sweeps on CPU.
-* ``run_lm_eval`` wraps an in-memory model in lm-eval's ``HFLM`` and calls
-  ``lm_eval.simple_evaluate``. MMLU comes from the hub (lm-eval's ``mmlu`` task) or, offline,
-  from a directory in the original CSV layout (``dev/``, ``val/``, ``test/`` with
-  ``<subject>_<split>.csv``) through per-subject task YAMLs generated from
-  ``evals/mmlu_local/_template_yaml``.
+``evaluate`` is the one function that measures a model; ``autoq eval`` and every sweep row call it.
+* ``ppl`` / ``kl`` (``perplexity``, ``mean_kl``) run on held-out tokens: the slice right after the
+  calibration tokens, so no benchmark data is needed. ``kl`` is measured the same way for every
+  model, the BF16 one included (against itself it comes out ~0), never filled in.
+* Every other task goes to lm-eval (``autoq.lm_tasks``): the offline suite ``wikitext2, lambada,
+  arc_easy, piqa, mmlu`` from ``--eval-data DIR`` / ``$AUTOQ_EVAL_DATA``, else lm-eval's hub tasks.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import tempfile
-from importlib import resources
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoq.data import TokenData, load_tokens
 from autoq.errors import AutoqError
+from autoq.lm_tasks import TaskRequest, check_requests, parse_task, run_lm_eval, summarize
 
 PROXY_TASKS = ("ppl", "kl")  # computed by autoq itself; every other task name goes to lm-eval
-MMLU_GROUP = "autoq_mmlu"
-MMLU_COLUMNS = ["question", "A", "B", "C", "D", "answer"]  # the original CSVs have no header
-_TEMPLATE = Path(str(resources.files("autoq.evals").joinpath("mmlu_local/_template_yaml")))
-_LOGIT_CHUNK_TOKENS = 1024
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -64,87 +62,109 @@ def mean_kl(reference: nn.Module, model: nn.Module, batches: list[torch.Tensor])
     return total / count
 
 
-def mmlu_subjects(mmlu_dir: Path, few_shot: int) -> list[str]:
-    """Subjects with a test CSV (and a dev CSV when few-shot examples are needed)."""
-    mmlu_dir = Path(mmlu_dir)
-    subjects = sorted(p.name.removesuffix("_test.csv") for p in (mmlu_dir / "test").glob("*_test.csv"))
-    if not subjects:
-        raise AutoqError(f"{mmlu_dir}: no test/<subject>_test.csv files (the original MMLU CSV layout)")
-    missing_dev = [s for s in subjects if few_shot and not (mmlu_dir / "dev" / f"{s}_dev.csv").is_file()]
-    if missing_dev:
-        raise AutoqError(f"{mmlu_dir}: {few_shot}-shot needs dev/<subject>_dev.csv; missing for {', '.join(missing_dev[:3])}")
-    return subjects
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to measure: proxies and lm-eval tasks, and how."""
+
+    proxies: tuple[str, ...] = PROXY_TASKS
+    lm_tasks: tuple[TaskRequest, ...] = ()
+    eval_data: Path | None = None  # the offline suite's data directory; None: lm-eval's hub tasks
+    default_shots: int | None = None  # few-shot count of lm-eval tasks that do not say (``mmlu:5`` does)
+    limit: int | None = None  # lm-eval documents per task (per MMLU subject)
+    batch_size: int = 8
+    max_length: int | None = None  # lm-eval's longest input (WikiText windows); None: the model's context
+
+    @classmethod
+    def parse(cls, tasks: str | list[str], eval_data: str | Path | None = None, **options: Any) -> EvalSpec:
+        """From ``--tasks`` (comma list) and ``--eval-data`` (else ``$AUTOQ_EVAL_DATA``); checks both."""
+        from autoq.default_model import offline
+
+        names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+        if not names:
+            raise AutoqError("--tasks is empty")
+        requests = tuple(parse_task(n) for n in names if n not in PROXY_TASKS)
+        data = eval_data or os.environ.get("AUTOQ_EVAL_DATA") or None
+        if data is not None:
+            data = Path(data).expanduser().resolve()
+            if not data.is_dir():
+                raise AutoqError(f"eval data directory {data} does not exist (--eval-data / $AUTOQ_EVAL_DATA)")
+        if requests:
+            check_requests(list(requests), data, offline(), options.get("default_shots"))
+        return cls(proxies=tuple(n for n in PROXY_TASKS if n in names), lm_tasks=requests, eval_data=data, **options)
 
 
-def write_mmlu_tasks(mmlu_dir: Path, few_shot: int, target: Path) -> list[str]:
-    """Write one lm-eval task per subject plus the ``autoq_mmlu`` group; return the task names."""
-    import yaml
-
-    mmlu_dir = Path(mmlu_dir).resolve()
-    tasks = []
-    for subject in mmlu_subjects(mmlu_dir, few_shot):
-        data_files = {"test": str(mmlu_dir / "test" / f"{subject}_test.csv")}
-        if few_shot:
-            data_files["dev"] = str(mmlu_dir / "dev" / f"{subject}_dev.csv")
-        task = f"{MMLU_GROUP}_{subject}"
-        spec = {
-            "include": str(_TEMPLATE),
-            "task": task,
-            "task_alias": subject,
-            "dataset_kwargs": {"data_files": data_files, "column_names": MMLU_COLUMNS},
-            "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
-        }
-        if not few_shot:
-            spec["fewshot_split"] = None
-        (target / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        tasks.append(task)
-    group = {"group": MMLU_GROUP, "task": tasks, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]}
-    (target / f"_{MMLU_GROUP}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
-    return tasks
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    lm_eval: list[dict[str, Any]] = field(default_factory=list)  # lm-eval's raw results, one entry per few-shot setting
 
 
-def run_lm_eval(
-    model: nn.Module,
-    tokenizer,
-    tasks: list[str],
-    *,
-    mmlu_dir: Path | None = None,
-    few_shot: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
+def evaluate(
+    model: nn.Module, reference: nn.Module | None, tokenizer, heldout: TokenData | None, spec: EvalSpec
+) -> Evaluation:
+    """Measure ``model``: ``ppl`` and ``kl`` (to ``reference``) on ``heldout``, then the lm-eval tasks."""
+    metrics: dict[str, float] = {}
+    if spec.proxies and heldout is None:
+        raise AutoqError(f"{', '.join(spec.proxies)} need held-out tokens")
+    batches = heldout.batches(spec.batch_size) if heldout is not None else []
+    if "ppl" in spec.proxies:
+        metrics["ppl"] = perplexity(model, batches)
+    if "kl" in spec.proxies:
+        if reference is None:
+            raise AutoqError("kl needs the BF16 reference model")
+        metrics["kl"] = mean_kl(reference, model, batches)
+    runs = []
+    if spec.lm_tasks:
+        runs = run_lm_eval(model, tokenizer, list(spec.lm_tasks), eval_data=spec.eval_data, default_shots=spec.default_shots,
+                           limit=spec.limit, batch_size=spec.batch_size, max_length=spec.max_length)  # fmt: skip
+        metrics.update(summarize(runs))
+    return Evaluation(metrics, runs)
+
+
+def heldout_tokens(calibration: TokenData, tokenizer, samples: int) -> TokenData:
+    """``samples`` sequences of the calibration length, from the same source right after the calibration slice."""
+    calib_samples, seq_len = calibration.tokens.shape
+    return load_tokens(calibration.source, tokenizer, samples, seq_len, skip_samples=calib_samples, purpose="held-out evaluation")
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    if not (Path(path) / "config.json").is_file():
+        what = "does not exist" if not Path(path).exists() else "has no config.json"
+        raise AutoqError(f"checkpoint {path} {what} (expected a directory written by autoq apply / search --export)")
+    return Path(path)
+
+
+def evaluate_target(
+    work, spec: EvalSpec, *, plan_path: Path | None = None, checkpoint: Path | None = None, eval_samples: int = 32,
+    dtype: str = "bfloat16", device: str = "cpu", progress: bool = True,
 ) -> dict[str, Any]:
-    """lm-eval results (its own result dict) for an in-memory model. ``mmlu`` uses ``mmlu_dir`` if given."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    """``autoq eval``: the model of ``work`` itself, a plan applied to it, or an exported checkpoint,
+    evaluated against ``work``'s model. Returns the result record (metrics, what was measured)."""
+    from autoq.pipeline import ensure_model
+    from autoq.plan import load_plan
 
-    with tempfile.TemporaryDirectory(prefix="autoq-tasks-") as include:
-        names = list(tasks)
-        if mmlu_dir is not None and "mmlu" in names:
-            write_mmlu_tasks(Path(mmlu_dir), few_shot or 0, Path(include))
-            names[names.index("mmlu")] = MMLU_GROUP
-        manager = TaskManager(include_path=include)
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
-        try:
-            results = lm_eval.simple_evaluate(
-                model=wrapped, tasks=names, num_fewshot=few_shot, limit=limit, task_manager=manager,
-                log_samples=False, bootstrap_iters=0, verbosity="ERROR",
-            )  # fmt: skip
-        except (KeyError, ValueError) as err:
-            raise AutoqError(f"lm-eval could not run {names}: {err}") from None
-    return results
+    plan = load_plan(plan_path) if plan_path is not None else None
+    if checkpoint is not None:
+        check_checkpoint_dir(checkpoint)
+    heldout = heldout_tokens(work.calibration, work.tokenizer, eval_samples) if spec.proxies else None
+    reference = ensure_model(work, dtype, device) if (checkpoint is None or "kl" in spec.proxies) else None
+    if plan is not None:
+        from autoq.apply import apply_plan
 
+        model = apply_plan(copy.deepcopy(reference), plan.formats(), work.calibration.batches(spec.batch_size), progress=progress)
+    elif checkpoint is not None:
+        from autoq.checkpoint import load_fake_quant_model
 
-def summarize_lm_eval(results: dict[str, Any]) -> dict[str, float]:
-    """Flat metrics: ``<task>_<metric>`` for every group and top-level task (accuracy first)."""
-    flat = {}
-    groups = set(results.get("groups", {}))
-    for task, metrics in {**results.get("results", {}), **results.get("groups", {})}.items():
-        if task.startswith(f"{MMLU_GROUP}_") and task not in groups:
-            continue  # per-subject rows stay in the raw results
-        name = "mmlu" if task == MMLU_GROUP else task
-        for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if isinstance(value, (int, float)) and metric not in ("sample_len", "alias") and not metric.endswith("_stderr") and filt in ("none", ""):
-                flat[f"{name}_{metric}"] = float(value)
-    return flat
+        model = load_fake_quant_model(checkpoint, device=device)
+        if reference is not None and model.config.vocab_size != reference.config.vocab_size:
+            raise AutoqError(f"checkpoint {checkpoint} has a vocabulary of {model.config.vocab_size}, the reference model "
+                             f"{work.source.name} {reference.config.vocab_size}: pass the --model it was made from")  # fmt: skip
+    else:
+        model = reference
+    result = evaluate(model, reference, work.tokenizer, heldout, spec)
+    return {
+        "model": work.model_info(), "plan": str(plan_path) if plan_path else None, "checkpoint": str(checkpoint) if checkpoint else None,
+        "metrics": result.metrics, "heldout": heldout.describe() if heldout is not None else None,
+        "eval_data": str(spec.eval_data) if spec.eval_data else None, "limit": spec.limit, "max_length": spec.max_length,
+        "lm_eval": result.lm_eval,
+    }  # fmt: skip

@@ -18,6 +18,9 @@ from autoq.errors import AutoqError
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+SYNTHETIC_SPEC = "synthetic"  # --model synthetic: autoq's random Llama, for fast tests
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: a local HF directory, plus how the user named it."""
@@ -25,21 +28,47 @@ class ModelSource:
     path: Path
     name: str  # as the user gave it (path or hub id), or the default model's name
     synthetic: bool = False  # randomly initialised, built by autoq (never a trained model)
+    weights_from: str | None = None  # e.g. "dequantized from GGUF x.gguf: linear weights Q4_1 (...)"
+    caveat: str | None = None  # what the weights' origin means for the numbers measured on them
+
+    @classmethod
+    def from_directory(cls, path: Path, name: str, synthetic: bool = False) -> ModelSource:
+        """A local HF directory; one converted from a GGUF says so (its ``autoq_gguf.json``)."""
+        from autoq.gguf import read_marker
+
+        marker = read_marker(path) or {}
+        return cls(path=Path(path), name=name, synthetic=synthetic, weights_from=marker.get("weights_from"), caveat=marker.get("caveat"))
 
     def fingerprint(self) -> str:
         return directory_fingerprint(self.path)
 
 
-def resolve_model(spec: str) -> ModelSource:
-    """Turn a user's ``--model`` (local directory or hub id) into a local directory."""
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn a user's ``--model`` into a local HF directory.
+
+    None: the default model (``autoq.default_model``); ``synthetic``: autoq's random Llama; a
+    ``.gguf`` file or a directory holding one: its cached bf16 conversion (``autoq.gguf``); a
+    HuggingFace model directory; else a hub id.
+    """
+    from autoq import default_model as defaults  # it imports this module
+
+    if spec is None:
+        return defaults.default_model()
+    if spec == SYNTHETIC_SPEC:
+        return defaults.synthetic_model()
     path = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or path.exists() or os.sep + os.sep in spec
+    looks_local = spec.startswith((".", "/", "~")) or path.exists() or os.sep + os.sep in spec or spec.lower().endswith(".gguf")
     if looks_local:
+        from autoq import gguf
+
         if not path.exists():
             raise AutoqError(f"model path {spec} does not exist")
+        gguf_file = gguf.find_gguf(path)
+        if gguf_file is not None:
+            return ModelSource.from_directory(gguf.convert(gguf_file, defaults.cache_root()), spec)
         if not (path / "config.json").is_file():
-            raise AutoqError(f"model path {spec} has no config.json (expected a HuggingFace model directory)")
-        return ModelSource(path=path.resolve(), name=spec)
+            raise AutoqError(f"model path {spec} has no config.json (expected a HuggingFace model directory or a .gguf file)")
+        return ModelSource.from_directory(path.resolve(), spec)
     try:  # a hub id: users have the hub; fetch (or reuse the local hub cache) once, then work locally
         from huggingface_hub import snapshot_download
 

@@ -19,7 +19,7 @@ from torch import nn
 from autoq import __version__
 from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
-from autoq.default_model import cache_root, default_model, is_synthetic
+from autoq.default_model import cache_root, is_synthetic
 from autoq.errors import AutoqError, atomic_output_dir, check_output_dir, log  # noqa: F401 (log: the CLI calls pipeline.log)
 from autoq.model import ModelSource, check_causal_lm, load_model, load_tokenizer, resolve_model
 from autoq.plan import Plan, plan_from_solution
@@ -46,10 +46,13 @@ class Workload:
         return self.source.synthetic or is_synthetic(self.source.path)
 
     def model_info(self) -> dict:
-        return {
+        info = {
             "id": self.source.name, "path": str(self.source.path), "fingerprint": self.source.fingerprint(),
             "architecture": self.architecture, "total_params": self.total_params, "synthetic": self.synthetic,
         }  # fmt: skip
+        if self.source.weights_from:  # e.g. dequantized from a quantized GGUF: plans and reports say so
+            info.update(weights_from=self.source.weights_from, caveat=self.source.caveat)
+        return info
 
 
 def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: int) -> Workload:
@@ -58,7 +61,9 @@ def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: in
 
     from autoq.decoder import DecoderStructure
 
-    source = resolve_model(model) if model else default_model()
+    source = resolve_model(model)
+    if source.weights_from:
+        log(f"model {source.name}: weights {source.weights_from}" + (f"; caveat: {source.caveat}" if source.caveat else ""))
     check_causal_lm(source.path)
     search_space = load_search_space(space)
     tokenizer = load_tokenizer(source)

@@ -181,6 +181,8 @@ def write_report(sweep_dir: Path, out: Path, overwrite: bool = False) -> Path:
             "Bits are honest storage bits per weight of the searched layers (block and tensor scales included); "
             "`size_bytes` is the exported checkpoint's safetensors size.\n"
         )
+        if model.get("weights_from"):  # e.g. a model dequantized from a quantized GGUF
+            header += f"\nModel weights {model['weights_from']}." + (f" **Caveat:** {model['caveat']}.\n" if model.get("caveat") else "\n")
         body = "\n".join(f"## {caption}\n\n![{caption}]({file})\n" for file, caption in figures)
         (tmp / "report.md").write_text(f"{header}\n{_markdown_table(table)}\n\n{body}")
         images = "".join(

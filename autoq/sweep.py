@@ -30,7 +30,8 @@ from autoq.apply import apply_plan, export_checkpoint
 from autoq.cache import _atomic_write
 from autoq.checkpoint import load_fake_quant_model
 from autoq.errors import AutoqError
-from autoq.evaluate import PROXY_TASKS, mean_kl, perplexity, run_lm_eval, summarize_lm_eval
+from autoq.data import TokenData
+from autoq.evaluate import PROXY_TASKS, EvalSpec, evaluate, heldout_tokens
 from autoq.formats import FORMATS
 from autoq.plan import LayerPlan, Plan, creation_info
 from autoq.search_space import LayerChoice
@@ -44,11 +45,16 @@ class SweepConfig:
     tasks: list[str] = field(default_factory=lambda: list(PROXY_TASKS))
     baselines: list[str] = field(default_factory=lambda: ["bf16", "fp8", "w4a8", "nvfp4", "modelopt"])
     eval_samples: int = 32
-    mmlu_dir: str | None = None
+    eval_data: str | None = None
     few_shot: int | None = None
     limit: int | None = None
+    max_length: int | None = None
     batch_size: int = 4
     keep_checkpoints: bool = False
+
+    def eval_spec(self) -> EvalSpec:
+        return EvalSpec.parse(self.tasks, self.eval_data, default_shots=self.few_shot, limit=self.limit, batch_size=self.batch_size,
+                              max_length=self.max_length)  # fmt: skip
 
 
 @dataclass
@@ -103,13 +109,14 @@ def evaluate_row(
     reference: nn.Module,
     tokenizer,
     calib_batches: list[torch.Tensor],
-    heldout_batches: list[torch.Tensor],
-    config: SweepConfig,
+    heldout: TokenData,
+    spec: EvalSpec,
     checkpoint_dir: Path | None,
     progress: bool,
 ) -> dict[str, Any]:
     """Quantize a copy of ``reference`` as the row says, export it, and evaluate the exported
-    checkpoint as a runtime computes it (``load_fake_quant_model``): one result record."""
+    checkpoint as a runtime computes it (``load_fake_quant_model``): one result record. The BF16 row
+    is exported and reloaded too, and measured by the same ``evaluate`` (its KL comes out ~0)."""
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -122,13 +129,13 @@ def evaluate_row(
             plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info())
             stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
             del model
-            model = load_fake_quant_model(target, device=device)
         else:
             reference.save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
-            stored_bits, model = 16.0, reference
+            stored_bits = 16.0
+        model = load_fake_quant_model(target, device=device)
         size_bytes = _dir_bytes(target)
-        metrics = _metrics(model, reference, quantized, tokenizer, heldout_batches, config)
+        metrics = evaluate(model, reference, tokenizer, heldout, spec).metrics
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {
         "row": row.id, "method": row.method, "budget_bits": row.budget,
@@ -138,25 +145,8 @@ def evaluate_row(
     }  # fmt: skip
 
 
-def _metrics(model: nn.Module, reference: nn.Module, quantized: bool, tokenizer, heldout_batches, config: SweepConfig) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    if "ppl" in config.tasks:
-        metrics["ppl"] = perplexity(model, heldout_batches)
-    if "kl" in config.tasks:
-        metrics["kl"] = mean_kl(reference, model, heldout_batches) if quantized else 0.0
-    lm_tasks = [t for t in config.tasks if t not in PROXY_TASKS]
-    if lm_tasks:
-        results = run_lm_eval(
-            model, tokenizer, lm_tasks, mmlu_dir=config.mmlu_dir, few_shot=config.few_shot, limit=config.limit,
-            batch_size=config.batch_size,
-        )  # fmt: skip
-        metrics.update(summarize_lm_eval(results))
-    return metrics
-
-
 def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: str, objective: str, progress: bool) -> pd.DataFrame:
     """Run (or resume) a sweep into ``out``; returns the results table."""
-    from autoq.data import load_tokens
     from autoq.pipeline import ensure_model, make_plans
 
     out.mkdir(parents=True, exist_ok=True)
@@ -168,10 +158,8 @@ def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: 
     reference = ensure_model(work, dtype, device)
     reference.requires_grad_(False)
     calib_batches = work.calibration.batches(config.batch_size)
-    samples = work.calibration.tokens.shape[0]
-    heldout = load_tokens(work.calibration.source, work.tokenizer, config.eval_samples, work.calibration.tokens.shape[1],
-                          skip_samples=samples, purpose="held-out evaluation")  # fmt: skip
-    heldout_batches = heldout.batches(config.batch_size)
+    spec = config.eval_spec()
+    heldout = heldout_tokens(work.calibration, work.tokenizer, config.eval_samples)
 
     modelopt_state = None
     if "modelopt" in config.baselines:
@@ -193,7 +181,7 @@ def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: 
         if row.method != "autoq":
             Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}).save(out / "plans" / f"{row.id}.json")
         keep = out / "checkpoints" / row.id if config.keep_checkpoints else None
-        record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout_batches, config, keep, progress)
+        record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress)
         record["searched_bits"] = searched_bits(row.formats, work.choices)
         _atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=2, default=float)))
     table = collect_results(out)

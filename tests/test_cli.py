@@ -157,19 +157,3 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(
     assert not out.exists()
     assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-
-
-def test_default_model_runs_offline_and_says_when_it_is_synthetic(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from autoq.default_model import find_shared_model
-
-    monkeypatch.chdir(tmp_path)
-    assert main(["search", "--bits", "4.8", *FAST]) == 0
-    err = capsys.readouterr().err
-    plan = load_plan(tmp_path / "runs" / "search" / "plan.json")
-    if find_shared_model() is None:
-        assert "SYNTHETIC" in err and plan.model["synthetic"] is True
-    else:
-        assert "SYNTHETIC" not in err and plan.model["synthetic"] is False
-    assert plan.achieved["searched_effective_bits"] <= 4.8

@@ -17,17 +17,18 @@ SUBJECTS = ("abstract_algebra", "world_religions", "college_physics")
 
 
 @pytest.fixture(scope="module")
-def mmlu_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A miniature MMLU in the original layout: <split>/<subject>_<split>.csv, no header."""
-    root = tmp_path_factory.mktemp("mmlu")
+def eval_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eval data holding a miniature MMLU in the original layout: mmlu/<split>/<subject>_<split>.csv, no header."""
+    data = tmp_path_factory.mktemp("eval_data")
+    root = data / "mmlu"
     for split, rows in (("dev", 5), ("val", 2), ("test", 6)):
-        (root / split).mkdir()
+        (root / split).mkdir(parents=True)
         for subject in SUBJECTS:
             with open(root / split / f"{subject}_{split}.csv", "w", newline="") as handle:
                 writer = csv.writer(handle)
                 for i in range(rows):
                     writer.writerow([f"{subject} question {i}, with a comma?", f"one {i}", f"two, {i}", f"three {i}", f"four {i}", "ABCD"[i % 4]])
-    return root
+    return data
 
 
 def _plan(tmp_path: Path, fmt: str, layers: list[str]) -> Path:
@@ -46,24 +47,26 @@ def _eval(model: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("few_shot", [5, 0])
-def test_eval_runs_lm_eval_mmlu_from_local_csvs(tiny_llama: Path, mmlu_dir: Path, tmp_path: Path, few_shot: int) -> None:
-    result = _eval(tiny_llama, tmp_path / "r.json", "--tasks", "mmlu", "--mmlu-dir", str(mmlu_dir),
+def test_eval_runs_lm_eval_mmlu_from_local_csvs(tiny_llama: Path, eval_data: Path, tmp_path: Path, few_shot: int) -> None:
+    result = _eval(tiny_llama, tmp_path / "r.json", "--tasks", "mmlu", "--eval-data", str(eval_data),
                    "--num-fewshot", str(few_shot), "--limit", "4")  # fmt: skip
-    raw = result["lm_eval"]["results"]
+    (run,) = result["lm_eval"]
+    assert run["num_fewshot"] == few_shot and run["tasks"] == {"mmlu": "autoq_mmlu"}
+    raw = run["results"]
     assert {f"autoq_mmlu_{s}" for s in SUBJECTS} <= set(raw)
     for subject in SUBJECTS:
         assert 0.0 <= raw[f"autoq_mmlu_{subject}"]["acc,none"] <= 1.0
     assert 0.0 <= result["metrics"]["mmlu_acc"] <= 1.0
-    assert result["lm_eval"]["groups"]["autoq_mmlu"]["acc,none"] == pytest.approx(result["metrics"]["mmlu_acc"])
+    assert run["groups"]["autoq_mmlu"]["acc,none"] == pytest.approx(result["metrics"]["mmlu_acc"])
 
 
 def test_bf16_plan_is_lossless_and_quantized_plans_are_not(tiny_llama: Path, tmp_path: Path) -> None:
     reference = _eval(tiny_llama, tmp_path / "ref.json")["metrics"]
     bf16 = _eval(tiny_llama, tmp_path / "bf16.json", "--plan", str(_plan(tmp_path, "BF16", LAYERS)))["metrics"]
-    assert bf16["kl"] == 0.0 and bf16["ppl"] == reference["ppl"]
+    assert bf16["kl"] == pytest.approx(0.0, abs=1e-6) and bf16["ppl"] == pytest.approx(reference["ppl"], rel=1e-6)
     for fmt in ("NVFP4", "W4A8"):
         quantized = _eval(tiny_llama, tmp_path / f"{fmt}.json", "--plan", str(_plan(tmp_path, fmt, LAYERS)))["metrics"]
-        assert quantized["kl"] > 0 and quantized["ppl"] != reference["ppl"], fmt
+        assert quantized["kl"] > 1e-4 and quantized["ppl"] != reference["ppl"], fmt
 
 
 BUDGETS = (4.6, 6.0)
@@ -83,7 +86,8 @@ def test_sweep_has_every_budget_and_baseline(sweep_dir: Path) -> None:
     assert set(results.row) == expected and len(results) == len(expected)
     assert (results.size_bytes > 0).all()
     bf16 = results.set_index("row").loc["bf16"]
-    assert bf16.kl == 0 and bf16.searched_bits == 16
+    assert bf16.kl == pytest.approx(0.0, abs=1e-6) and bf16.searched_bits == 16  # measured: the reloaded BF16 export
+    assert (results[results.row != "bf16"].kl > 1e-5).all()  # every quantized row, through the same path
     for budget in BUDGETS:
         for method in ("autoq", "modelopt"):
             assert results.set_index("row").loc[f"{method}-{budget:g}"].searched_bits <= budget
@@ -92,6 +96,31 @@ def test_sweep_has_every_budget_and_baseline(sweep_dir: Path) -> None:
         for _, b in results.iterrows():
             if a.stored_bits < b.stored_bits - 0.05:
                 assert a.size_bytes < b.size_bytes, (a.row, b.row)
+
+
+def test_bf16_row_kl_is_measured_through_the_same_evaluation(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BF16 row's KL comes from the evaluation stage on its reloaded export, like every row's (never a constant)."""
+    import autoq.evaluate
+    from autoq.data import load_tokens
+    from autoq.evaluate import EvalSpec
+    from autoq.model import ModelSource, load_model, load_tokenizer
+    from autoq.sweep import Row, evaluate_row
+
+    source = ModelSource(tiny_llama, "tiny")
+    reference, tokenizer = load_model(source), load_tokenizer(source)
+    heldout = load_tokens("default", tokenizer, 2, 64)
+    calls = []
+    real_kl = autoq.evaluate.mean_kl
+
+    def spy(ref, model, batches):
+        calls.append(model)
+        return real_kl(ref, model, batches) + 0.25  # an offset only a computed value carries
+
+    monkeypatch.setattr(autoq.evaluate, "mean_kl", spy)
+    row = Row("bf16", "BF16", None, {name: "BF16" for name in LAYERS})
+    record = evaluate_row(row, reference, tokenizer, [], heldout, EvalSpec(batch_size=2), None, progress=False)
+    assert len(calls) == 1 and calls[0] is not reference  # the exported, reloaded checkpoint
+    assert record["kl"] == pytest.approx(0.25, abs=1e-6) and record["stored_bits"] == 16.0
 
 
 def test_autoq_beats_uniform_lowest_format_at_same_or_more_bits(sweep_dir: Path) -> None:
@@ -159,3 +188,17 @@ def test_report_plots_and_html_table_match_the_csv(sweep_dir: Path, tmp_path: Pa
                 assert (cell == "" and pd.isna(value)) or float(cell) == pytest.approx(value, rel=1e-5)
             else:
                 assert cell == str(value)
+
+
+def test_report_on_gguf_weights_states_their_origin_and_caveat(sweep_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    info = json.loads((copy / "sweep.json").read_text())
+    info["model"].update(weights_from="dequantized from GGUF x.gguf: linear weights Q4_1 (4-bit asymmetric, g32)", caveat="on a 4-bit grid")
+    (copy / "sweep.json").write_text(json.dumps(info))
+    assert main(["report", str(copy), "--out", str(tmp_path / "report")]) == 0
+    head = (tmp_path / "report" / "report.md").read_text().split("\n|")[0]  # the text above the results table
+    assert "Model weights dequantized from GGUF x.gguf: linear weights Q4_1 (4-bit asymmetric, g32). **Caveat:** on a 4-bit grid." in head
+    assert "Q4_1 (4-bit asymmetric, g32)" in (tmp_path / "report" / "report.html").read_text()
