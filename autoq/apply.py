@@ -9,6 +9,7 @@ temporary directory that is verified (``autoq.verify``) before it is renamed int
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from collections.abc import Callable, Iterator
@@ -122,11 +123,12 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
     """Quantize ``model`` in place with ModelOpt as ``formats`` says, calibrated on ``batches``.
 
     AWQ layers are quantized and calibrated first (awq_lite, the others off); then the remaining
-    layers are configured and max-calibrated with the AWQ layers switched off, so neither
-    calibration disturbs the other's state.
+    layers are configured and max-calibrated with the AWQ layers' unquantized originals in their
+    place (AWQ smooths weights in place, and a smoothed layer's output differs in the last bits).
+    So every layer is calibrated on the unquantized model's own activations, and its scales do not
+    depend on the other layers' formats (``autoq.measure`` relies on it).
     """
     import modelopt.torch.quantization as mtq
-    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
 
     device = next(model.parameters()).device
     check_plan_fits_model(model, formats, batches[0][:1, :64].to(device))
@@ -136,14 +138,28 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
         if not awq:
             mtq.quantize(model, modelopt_config(rest), _forward_loop(batches, device, "calibrating (max)", progress))
             return _as_exported(model)
+        rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
+        originals = {n: copy.deepcopy(model.get_submodule(n)).cpu() for n in awq} if rest_quant_cfg else {}
         awq_config = {**modelopt_config(awq), "algorithm": {"method": "awq_lite", "alpha_step": 0.1}}
         mtq.quantize(model, awq_config, _forward_loop(batches, device, "calibrating (AWQ)", progress))
-        rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
         if rest_quant_cfg:
             mtq.set_quantizer_by_cfg(model, rest_quant_cfg)
-            with set_quantizer_by_cfg_context(model, [{"quantizer_name": f"{n}.*", "enable": False} for n in awq]):
+            with _swapped_in(model, originals, device):
                 mtq.calibrate(model, algorithm="max", forward_loop=_forward_loop(batches, device, "calibrating (max)", progress))
         return _as_exported(model)
+
+
+@contextlib.contextmanager
+def _swapped_in(model: nn.Module, modules: dict[str, nn.Module], device: torch.device) -> Iterator[None]:
+    """Put ``modules`` (name -> module) in place for the block, then the displaced ones back."""
+    displaced = {name: model.get_submodule(name) for name in modules}
+    try:
+        for name, module in modules.items():
+            model.set_submodule(name, module.to(device))
+        yield
+    finally:
+        for name, module in displaced.items():
+            model.set_submodule(name, module)
 
 
 def _as_exported(model: nn.Module) -> nn.Module:

@@ -65,7 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     front = commands.add_parser("frontier", help="score/size trade-off for all budgets from a search's scores (no model work)")
     front.add_argument("run", type=Path, help="a directory written by `autoq search`")
     front.add_argument("--bits", type=_budgets, default=None, help="budgets to solve (default: a grid over the feasible range)")
+    front.add_argument("--measured", action="store_true",
+                       help="also measure: an optuna multi-objective study over (bits, measured metric), plotted beside the proxy")  # fmt: skip
+    _add_study_args(front, trials=60)
     front.set_defaults(func=cmd_frontier)
+
+    refine = commands.add_parser("refine", help="refine a plan by measured loss: an optuna study seeded with the ILP plan (resumable)")
+    refine.add_argument("run", type=Path, help="a directory written by `autoq search` or `autoq sweep`")
+    refine.add_argument("--bits", type=_budgets, default=None, help="budget(s) to refine, one model build for all (default: the run's only budget)")
+    refine.add_argument("--groups", type=int, default=12, help="groups searched: the K least certain ones (default: 12)")
+    refine.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    _add_study_args(refine, trials=100)
+    refine.set_defaults(func=cmd_refine)
 
     apply = commands.add_parser("apply", help="apply a plan with ModelOpt, calibrate, export a unified HF checkpoint")
     apply.add_argument("plan", type=Path, help="plan.json (from autoq search, or written by hand)")
@@ -129,6 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_study_args(parser: argparse.ArgumentParser, trials: int) -> None:
+    """Options of the measuring studies (refine, frontier --measured); model and data default to the run's."""
+    parser.add_argument("--trials", type=int, default=trials, help=f"finished trials in total, earlier runs included (default: {trials})")
+    parser.add_argument("--metric", choices=["kl", "ppl"], default="kl", help="measured on held-out tokens (default: kl)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    parser.add_argument("--restart", action="store_true", help="replace the study in RUN/refine.db instead of resuming it")
+    parser.add_argument("--model", default=None, help="model (default: the run's)")
+    parser.add_argument("--calib", default=None, help="calibration source (default: the run's)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: the run's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="held-out sequences measured per trial, right after the calibration ones (default: a sweep's, else 32 as autoq eval)")  # fmt: skip
+    parser.add_argument("--unseen-samples", type=int, default=None, help="sequences of the final, never-searched slice (default: --eval-samples)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: bfloat16)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _model_settings(args: argparse.Namespace):
+    from autoq.workspace import ModelSettings
+
+    return ModelSettings(
+        model=args.model, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
+        eval_samples=args.eval_samples, unseen_samples=args.unseen_samples, batch_size=args.batch_size,
+        dtype=args.dtype, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="ppl,kl",
                         help="ppl, kl, wikitext2, lambada, arc_easy, piqa, mmlu, TASK:SHOTS (e.g. mmlu:5) or any lm-eval task (default: ppl,kl)")  # fmt: skip
@@ -188,6 +228,10 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
     from autoq.solver import Options, frontier
 
+    if args.measured:
+        from autoq.refine import check_study_args
+
+        check_study_args(args.trials, args.metric)
     scores_path = args.run / "scores.parquet"
     if not scores_path.is_file():
         raise AutoqError(f"{args.run} has no scores.parquet (run `autoq search` first)")
@@ -201,6 +245,36 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     summary = json.loads((args.run / "search.json").read_text()) if (args.run / "search.json").is_file() else {}
     print(f"# {summary.get('model', {}).get('id', args.run)}: minimum {options.min_bits():.4f} bits, maximum {options.max_bits():.4f}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.measured:
+        from autoq import pipeline
+        from autoq.measured_frontier import measured_frontier
+
+        result = measured_frontier(args.run, args.trials, args.metric, args.bits, args.seed, _model_settings(args), args.restart)
+        print(result.front.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        pipeline.log(f"wrote {result.csv_path} and {result.plot_path} ({len(result.trials)} trials, {len(result.front)} on the measured front)")
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from autoq import pipeline
+    from autoq.refine import check_budgets, check_study_args, refine
+
+    check_study_args(args.trials, args.metric)
+    workspace = None
+    for budget in check_budgets(args.run, args.bits):
+        result = refine(args.run, budget, trials=args.trials, metric=args.metric, timeout=args.timeout, groups=args.groups,
+                        seed=args.seed, settings=_model_settings(args), restart=args.restart, workspace=workspace)  # fmt: skip
+        workspace = result.workspace
+        s = result.summary
+        metric = s["metric"]
+        pipeline.log(f"--bits {budget:g}: trial 0 (ILP plan) {metric} {s['trial0'][metric]:.5g} at {s['trial0']['bits']:.4f} bits; "
+                     f"best trial {s['best']['number']}: {metric} {s['best'][metric]:.5g} at {s['best']['bits']:.4f} bits "
+                     f"({s['best']['changed_groups']} group(s) changed)")  # fmt: skip
+        unseen = s["unseen"]
+        pipeline.log(f"--bits {budget:g}: unseen slice kl {unseen['ilp']['kl']:.5g} (ILP) -> {unseen['refined']['kl']:.5g} (refined), "
+                     f"ppl {unseen['ilp']['ppl']:.5g} -> {unseen['refined']['ppl']:.5g}")  # fmt: skip
+        pipeline.log(f"wrote {result.plan_path} and {result.out_dir}/ (trials.csv, history.png, summary.json); "
+                     f"dashboard: optuna-dashboard sqlite:///{args.run}/refine.db")  # fmt: skip
     return 0
 
 

@@ -28,7 +28,12 @@ METRICS = {  # metric column -> (axis label, lower is better, log scale)
     "ppl": ("perplexity on held-out text", True, True),
     "kl": ("mean token KL to BF16 (nats)", True, True),
 }
-SERIES_STYLE = {"autoq": dict(color="#c44e52", marker="o"), "ModelOpt auto_quantize": dict(color="#4c72b0", marker="s")}
+SERIES_STYLE = {
+    "autoq": dict(color="#c44e52", marker="o"),
+    "autoq refine": dict(color="#8172b2", marker="D"),
+    "ModelOpt auto_quantize": dict(color="#4c72b0", marker="s"),
+}
+UNSEEN_COLUMNS = ["kl_unseen_ilp", "kl_unseen_refined"]  # refined rows: KL on the slice refine never searched
 
 
 def metric_columns(results: pd.DataFrame) -> list[str]:
@@ -160,8 +165,11 @@ def write_report(sweep_dir: Path, out: Path, overwrite: bool = False) -> Path:
         f"autoq @ {load_plan(p).budget['effective_bits']:g} bits": load_plan(p).formats()
         for p in sorted(sweep_dir.glob("plans/autoq-*.json"), key=lambda p: float(p.stem.split("-", 1)[1]))
     }
+    for path in sorted(sweep_dir.glob("plan-refined-*bits.json")):
+        refined = load_plan(path)
+        plans[f"autoq refine @ {refined.budget['effective_bits']:g} bits"] = refined.formats()
     metrics = metric_columns(results)
-    table = results[REPORT_COLUMNS + metrics + ["wall_seconds", "device"]]
+    table = results[REPORT_COLUMNS + metrics + [c for c in UNSEEN_COLUMNS if c in results] + ["wall_seconds", "device"]]
     with atomic_output_dir(out, overwrite) as tmp:
         figures = []
         for metric in metrics:
@@ -183,6 +191,9 @@ def write_report(sweep_dir: Path, out: Path, overwrite: bool = False) -> Path:
         )
         if model.get("weights_from"):  # e.g. a model dequantized from a quantized GGUF
             header += f"\nModel weights {model['weights_from']}." + (f" **Caveat:** {model['caveat']}.\n" if model.get("caveat") else "\n")
+        if (results.method == "autoq refine").any():
+            header += ("`autoq refine` rows: plans refined by a measured metric on the same held-out tokens this table uses; "
+                       "`kl_unseen_*` is the ILP and the refined plan on a second slice the refinement never saw.\n")  # fmt: skip
         body = "\n".join(f"## {caption}\n\n![{caption}]({file})\n" for file, caption in figures)
         (tmp / "report.md").write_text(f"{header}\n{_markdown_table(table)}\n\n{body}")
         images = "".join(

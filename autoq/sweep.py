@@ -164,7 +164,9 @@ def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: 
     modelopt_state = None
     if "modelopt" in config.baselines:
         modelopt_state = _modelopt_state(work, reference, calib_batches, config, out)
-    rows = build_rows(work, plans, config, modelopt_state)
+    from autoq.refine import refined_rows
+
+    rows = build_rows(work, plans, config, modelopt_state) + refined_rows(out)  # `autoq refine` run on this sweep
     info = {
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
