@@ -86,7 +86,7 @@ def ensure_model(work: Workload, dtype: str, device: str) -> nn.Module:
 @dataclass
 class ScoreResult:
     table: pd.DataFrame  # grouped score table (SCORE_COLUMNS + group)
-    cache: ScoreCache
+    cache: ScoreCache  # in a data-parallel run, a distributed.RankZeroCache (rank 0 reads and writes it)
     from_cache: bool
     seconds: float
     peak_memory: dict[str, float] = field(default_factory=dict)

@@ -75,14 +75,14 @@ def runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNa
     out, cache = root / "out", root / "cache"
     shared = [*args, "--out", str(out), "--cache-dir", str(cache)]
     killed = subprocess.run(
-        [sys.executable, "-m", "autoq", *shared, "--gpus", "2"], capture_output=True, text=True, timeout=TIMEOUT_S,
+        [sys.executable, "-m", "autoq", *shared, "--gpus", "2"], check=False, capture_output=True, text=True, timeout=TIMEOUT_S,
         env={**env, "AUTOQ_TEST_KILL_RANK": "1", "PYTHONPATH": os.pathsep.join([str(root / "inject"), env.get("PYTHONPATH", "")])},
     )  # fmt: skip
     after_kill = {"out_dir_entries": sorted(p.name for p in root.iterdir() if p.name.startswith((".out", "out"))),
                   "cache_files": sorted(p.name for p in _entry(cache).iterdir())}  # fmt: skip
     resumed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "autoq", *shared],
-        capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
+        check=False, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
     )  # fmt: skip
     return SimpleNamespace(root=root, out=out, cache=cache, killed=killed, after_kill=after_kill, resumed=resumed)
 
