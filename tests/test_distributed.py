@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,18 @@ if os.environ.get("AUTOQ_TEST_KILL_RANK") == os.environ.get("RANK"):
 '''
 
 
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``command`` in its own process group: on a timeout, the launcher and every rank it started go."""
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def _entry(cache: Path) -> Path:
     (entry,) = (cache / "scores").iterdir()
     return entry
@@ -74,16 +87,11 @@ def runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOQ_OFFLINE": "1", "AUTOQ_CACHE": str(root / "cache-default")}
     out, cache = root / "out", root / "cache"
     shared = [*args, "--out", str(out), "--cache-dir", str(cache)]
-    killed = subprocess.run(
-        [sys.executable, "-m", "autoq", *shared, "--gpus", "2"], check=False, capture_output=True, text=True, timeout=TIMEOUT_S,
-        env={**env, "AUTOQ_TEST_KILL_RANK": "1", "PYTHONPATH": os.pathsep.join([str(root / "inject"), env.get("PYTHONPATH", "")])},
-    )  # fmt: skip
+    inject = {"AUTOQ_TEST_KILL_RANK": "1", "PYTHONPATH": os.pathsep.join([str(root / "inject"), env.get("PYTHONPATH", "")])}
+    killed = _run([sys.executable, "-m", "autoq", *shared, "--gpus", "2"], {**env, **inject})
     after_kill = {"out_dir_entries": sorted(p.name for p in root.iterdir() if p.name.startswith((".out", "out"))),
                   "cache_files": sorted(p.name for p in _entry(cache).iterdir())}  # fmt: skip
-    resumed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "autoq", *shared],
-        check=False, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
-    )  # fmt: skip
+    resumed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "autoq", *shared], env)
     return SimpleNamespace(root=root, out=out, cache=cache, killed=killed, after_kill=after_kill, resumed=resumed)
 
 
