@@ -9,12 +9,20 @@ instead of every token of a quarter of the batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from autoq.formats import Format
 
 ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))
+# Turns this process's per-alpha squared-error sums into those over every process's samples.
+LossReduction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def this_process(losses: torch.Tensor) -> torch.Tensor:
+    return losses
 
 
 def weight_scale(weight: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -33,12 +41,13 @@ def smoothing_scale(act_scale: torch.Tensor, w_scale: torch.Tensor, alpha: float
 
 @torch.no_grad()
 def search_pre_quant_scale(
-    fmt: Format, weight: torch.Tensor, act_scale: torch.Tensor, x_sample: torch.Tensor
+    fmt: Format, weight: torch.Tensor, act_scale: torch.Tensor, x_sample: torch.Tensor, sum_losses: LossReduction = this_process
 ) -> torch.Tensor:
     """The AWQ ``pre_quant_scale`` (= 1/s, float32) minimising output MSE on ``x_sample``.
 
     ``act_scale`` is the mean |x| per input channel over all calibration tokens; ``x_sample``
-    is ``[tokens, in_features]`` in the model dtype.
+    is ``[tokens, in_features]`` in the model dtype. The loss is the squared error summed in
+    float64 (the MSE's argmin), so that data-parallel ranks add up theirs with ``sum_losses``.
     """
     reference = F.linear(x_sample, weight)
     w_scale = weight_scale(weight, fmt.weight_block)
@@ -47,7 +56,7 @@ def search_pre_quant_scale(
         pre_quant_scale = 1.0 / smoothing_scale(act_scale, w_scale, alpha)
         out = F.linear(x_sample * pre_quant_scale.to(x_sample.dtype), fmt.quantize_weight(weight, pre_quant_scale))
         candidates.append(pre_quant_scale)
-        losses.append((out - reference).float().pow(2).mean())
+        losses.append((out - reference).float().pow(2).sum(dtype=torch.float64))
     # argmin returns the first minimum: ties keep the smaller alpha, like ModelOpt's min().
-    best = torch.stack(losses).nan_to_num(nan=float("inf")).argmin().reshape(1)
+    best = sum_losses(torch.stack(losses)).nan_to_num(nan=float("inf")).argmin().reshape(1)
     return torch.stack(candidates).index_select(0, best)[0]

@@ -34,6 +34,7 @@ class LayerStats:
     """What calibration learns about one layer's inputs."""
 
     channel_amax: torch.Tensor | None = None
+    # float64: adding up float32 per-step sums is then exact, so its order (over data-parallel ranks) does not matter
     abs_sum: torch.Tensor | None = None
     rows: int = 0
     awq_samples: list[torch.Tensor] = field(default_factory=list)
@@ -42,8 +43,8 @@ class LayerStats:
 
     @property
     def act_scale(self) -> torch.Tensor:
-        """Mean |x| per input channel."""
-        return self.abs_sum / self.rows
+        """Mean |x| per input channel (float32)."""
+        return (self.abs_sum / self.rows).float()
 
 
 class StatsCollector(HooksMixin):
@@ -74,15 +75,18 @@ class StatsCollector(HooksMixin):
         flat = x.reshape(-1, x.shape[-1])
         amax, abs_sum = channel_abs_stats(flat)
         s.channel_amax = amax if s.channel_amax is None else torch.maximum(s.channel_amax, amax)
-        s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum + abs_sum
+        s.abs_sum = abs_sum.double() if s.abs_sum is None else s.abs_sum + abs_sum
         s.rows += flat.shape[0]
         if any(f.awq for f in target.formats):
             count = min(self.samples_per_step, flat.shape[0])
             picks = torch.linspace(0, flat.shape[0] - 1, count, device=flat.device)
             s.awq_samples.append(flat[picks.long()].clone())
 
-    def search_awq(self, targets: list[Target]) -> None:
-        """AWQ pre-quantization scales of ``targets`` (whose inputs have all been seen)."""
+    def search_awq(self, targets: list[Target], sum_losses: awq.LossReduction = awq.this_process) -> None:
+        """AWQ pre-quantization scales of ``targets`` (whose inputs have all been seen).
+
+        ``sum_losses``: adds up the grid's per-alpha losses over data-parallel ranks.
+        """
         for target in targets:
             s = self.stats[target.name]
             if not s.awq_samples:
@@ -90,5 +94,5 @@ class StatsCollector(HooksMixin):
             sample = torch.cat(s.awq_samples)
             for fmt in target.formats:
                 if fmt.awq:
-                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(fmt, target.weight, s.act_scale, sample)
+                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(fmt, target.weight, s.act_scale, sample, sum_losses)
             s.awq_samples.clear()

@@ -27,6 +27,16 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model directory, hub id, .gguf file, or 'synthetic' (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--space", default="default", help="search space: built-in name or YAML path (default: default)")
@@ -44,6 +54,8 @@ def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-blocks", action="store_true", help="keep decoder blocks on CPU, one at a time on the GPU")
     parser.add_argument("--chunk-steps", type=int, default=None,
                         help="steps (of about 8k tokens) per scoring pass, the unit of resume (default: from memory)")  # fmt: skip
+    parser.add_argument("--tokens-per-step", type=_positive_int, default=None,
+                        help="calibration tokens run together, the unit of work shared out to --gpus processes (default: 8192)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=None, help="score cache (default: $AUTOQ_CACHE or ~/.cache/autoq)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -60,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default: {DEFAULT_OUT})")
     search.add_argument("--export", type=Path, default=None, help="also apply the plan and export a checkpoint here")
     search.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    search.add_argument("--gpus", type=_positive_int, default=None,
+                        help="score on N GPUs of this host, one process each (torchrun); with --device cpu, N CPU processes")  # fmt: skip
     search.set_defaults(func=cmd_search)
 
     front = commands.add_parser("frontier", help="score/size trade-off for all budgets from a search's scores (no model work)")
@@ -182,24 +196,28 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from autoq import pipeline
+    from autoq import distributed, pipeline
     from autoq.apply import apply_plan, export_checkpoint
-    from autoq.sensitivity import ScoringOptions
 
     pipeline.preflight_outputs((args.out, args.overwrite), (args.export, args.overwrite))
     if args.export is not None:
         pipeline.require_single_budget(args.bits, "--export")
-    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
-    if work.synthetic:
-        pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised, not a trained LM): numbers are real "
-                     "measurements of a random network, not of a language model")  # fmt: skip
-    pipeline.log(f"{len(work.choices)} layers to search over {', '.join(work.space.formats)}; "
-                 f"calibration: {work.calibration.tokens.shape[0]} x {work.calibration.tokens.shape[1]} tokens from {args.calib}")  # fmt: skip
-    options = ScoringOptions(
-        objective=args.objective, batch_size=args.batch_size, device=args.device, stream_blocks=args.stream_blocks,
-        chunk_steps=args.chunk_steps, progress=not args.no_progress,
-    )  # fmt: skip
-    scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
+    if args.gpus is not None and args.gpus > 1 and _processes() == 1:
+        distributed.check_launch(args.gpus, args.device)
+        return distributed.launch(args.gpus, args.argv)  # torchrun's machinery runs this command in each process
+    # Under torchrun: every rank scores its share of the steps; rank 0 alone goes on from there.
+    with distributed.process_group(args.device, args.gpus) as (parallel, device):
+        work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
+        if work.synthetic:
+            pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised, not a trained LM): numbers are real "
+                         "measurements of a random network, not of a language model")  # fmt: skip
+        pipeline.log(f"{len(work.choices)} layers to search over {', '.join(work.space.formats)}; calibration: "
+                     f"{work.calibration.tokens.shape[0]} x {work.calibration.tokens.shape[1]} tokens from {args.calib}"
+                     + (f"; {parallel.world} processes" if parallel.world > 1 else ""))  # fmt: skip
+        options = _scoring_options(args, device, progress=not args.no_progress and parallel.is_main)
+        scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
+    if not parallel.is_main:
+        return 0
     pipeline.log(("scores from cache " if scores.from_cache else "scored ") + f"in {scores.seconds:.1f} s "
                  f"(peak memory {_fmt_memory(scores.peak_memory)}; cache {scores.cache.dir})")  # fmt: skip
     plans, curve = pipeline.make_plans(work, scores, args.bits, args.objective)
@@ -321,7 +339,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from autoq import pipeline
-    from autoq.sensitivity import ScoringOptions
     from autoq.sweep import SweepConfig, run_sweep
 
     baselines = [b.strip().lower() for b in args.baselines.split(",") if b.strip()]
@@ -337,8 +354,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
     if work.synthetic:
         pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
-    options = ScoringOptions(objective=args.objective, batch_size=args.batch_size, device=args.device,
-                             stream_blocks=args.stream_blocks, chunk_steps=args.chunk_steps, progress=not args.no_progress)  # fmt: skip
+    options = _scoring_options(args, args.device, progress=not args.no_progress)
     scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
     table = run_sweep(work, scores, config, args.out, args.dtype, options.device or _default_device(), args.objective, not args.no_progress)
     columns = [c for c in ["method", "budget_bits", "searched_bits", "size_bytes", "ppl", "kl", "mmlu_acc"] if c in table]
@@ -478,6 +494,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scoring_options(args: argparse.Namespace, device: str | None, progress: bool):
+    from autoq.sensitivity import ScoringOptions
+
+    return ScoringOptions(
+        objective=args.objective, batch_size=args.batch_size, device=device, stream_blocks=args.stream_blocks,
+        chunk_steps=args.chunk_steps, tokens_per_step=args.tokens_per_step or ScoringOptions.tokens_per_step, progress=progress,
+    )  # fmt: skip
+
+
 def _default_device() -> str:
     import torch
 
@@ -498,14 +523,39 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus runs in each process
     try:
+        if args.command != "search" and _processes() > 1:
+            raise AutoqError(f"only `autoq search` runs in several processes (torchrun started {_processes()} for `autoq {args.command}`)")
         return args.func(args)
     except AutoqError as err:
-        print(f"autoq: error: {err}", file=sys.stderr)
+        if _prints_errors(err):
+            print(f"autoq: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("autoq: interrupted; finished scoring chunks are cached, rerun the same command to resume", file=sys.stderr)
+        if _prints_errors():
+            print("autoq: interrupted; finished scoring chunks are cached, rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        _prints_errors(err)
+        raise
+
+
+def _processes() -> int:
+    """How many processes torchrun started for this command (1: not started by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _prints_errors(err: BaseException | None = None) -> bool:
+    """Whether this process prints errors: yes alone; under torchrun only rank 0 (and none under
+    ``--gpus``, whose launcher prints the root cause). ``err`` is recorded for torchrun's report."""
+    if _processes() == 1:
+        return True
+    from autoq import distributed
+
+    if err is not None:
+        distributed.record_error(err)
+    return distributed.prints_errors()
 
 
 if __name__ == "__main__":

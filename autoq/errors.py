@@ -14,9 +14,18 @@ class AutoqError(Exception):
     """A problem with the user's input. The CLI prints it as one line and exits with code 2."""
 
 
+_quiet = False  # set in the other ranks of a data-parallel run: rank 0 speaks for all (autoq.distributed)
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
 def log(message: str) -> None:
     """One progress or status line on stderr (stdout is for results)."""
-    print(f"autoq: {message}", file=sys.stderr, flush=True)
+    if not _quiet:
+        print(f"autoq: {message}", file=sys.stderr, flush=True)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from autoq import __version__
+from autoq import __version__, distributed
 from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, is_synthetic
@@ -86,10 +86,12 @@ def ensure_model(work: Workload, dtype: str, device: str) -> nn.Module:
 @dataclass
 class ScoreResult:
     table: pd.DataFrame  # grouped score table (SCORE_COLUMNS + group)
-    cache: ScoreCache
+    cache: ScoreCache  # in a data-parallel run, a distributed.RankZeroCache (rank 0 reads and writes it)
     from_cache: bool
     seconds: float
     peak_memory: dict[str, float] = field(default_factory=dict)
+    load_seconds: float = 0.0  # of ``seconds``: loading the model
+    peak_memory_per_rank: list[dict[str, float]] = field(default_factory=list)  # data-parallel: every rank's, in rank order
 
 
 def score(work: Workload, options: ScoringOptions, dtype: str = "bfloat16", cache_dir: Path | None = None) -> ScoreResult:
@@ -103,18 +105,22 @@ def score(work: Workload, options: ScoringOptions, dtype: str = "bfloat16", cach
         "formats": {f: _format_fingerprint(f) for c in work.choices for f in c.candidates},
         **options.cache_key_parts(),
     }
-    cache = ScoreCache(Path(cache_dir) if cache_dir else cache_root(), key)
+    parallel = distributed.current()
+    cache = parallel.shared_cache(ScoreCache(Path(cache_dir) if cache_dir else cache_root(), key))  # data-parallel: rank 0's
     start = time.perf_counter()
     table = cache.load_table()
     from_cache = table is not None
+    load_seconds = 0.0
     if table is None:
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = ensure_model(work, dtype, "cpu" if options.stream_blocks else device)
+        load_seconds = time.perf_counter() - start
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         table = SensitivityEngine(model, work.choices, options, cache).run(work.calibration.batches(options.batch_size))
     seconds = time.perf_counter() - start
-    return ScoreResult(assign_groups(table, work.space), cache, from_cache, seconds, peak_memory())
+    per_rank = parallel.gather(peak_memory(), "reporting peak memory")
+    return ScoreResult(assign_groups(table, work.space), cache, from_cache, seconds, per_rank[parallel.rank], load_seconds, per_rank)
 
 
 def _format_fingerprint(name: str) -> str:
@@ -176,8 +182,11 @@ def run_summary(work: Workload, scores: ScoreResult, options: ScoringOptions, pl
         "scores_from_cache": scores.from_cache,
         "cache_key": scores.cache.key,
         "scoring_seconds": round(scores.seconds, 3),
+        "model_load_seconds": round(scores.load_seconds, 3),
         "peak_memory": scores.peak_memory,
         "device": options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "processes": len(scores.peak_memory_per_rank),
+        "peak_memory_per_rank": scores.peak_memory_per_rank,
         "plans": {plan.budget["effective_bits"]: plan.achieved for plan in plans},
     }
 

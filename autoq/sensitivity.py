@@ -19,7 +19,9 @@ The engine puts the parts together, each in its own module:
   AWQ scales; the same pass keeps the first chunk's block inputs for pass 2;
 * ``autoq.scoring``: pass 2's hooks, which turn each layer's output gradient into its scores;
 * ``autoq.experts``: MoE experts fused in 3-D parameters, seen expert by expert by those hooks;
-* ``autoq.cache``: finished tables, statistics and chunks on disk, so runs resume.
+* ``autoq.cache``: finished tables, statistics and chunks on disk, so runs resume;
+* ``autoq.distributed``: data-parallel ranks, each scoring every N-th step (hook points marked
+  "data-parallel").
 Parameters never require gradients, so no weight gradient is ever computed.
 """
 
@@ -37,6 +39,7 @@ from torch import nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from autoq import distributed
 from autoq.cache import ScoreCache
 from autoq.calibration import LayerStats, StatsCollector
 from autoq.decoder import DecoderStructure
@@ -126,6 +129,7 @@ class SensitivityEngine:
         self.targets = build_targets(model, self.structure, choices)
         self.by_block = by_block(self.targets)
         self.routing = ExpertRouting([t.module for t in self.targets if t.fused_experts])
+        self.parallel = distributed.current()  # data-parallel: this process's rank (0 of 1 alone)
 
     def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         """Score table (``SCORE_COLUMNS``), from the cache when this exact work was done before."""
@@ -144,7 +148,8 @@ class SensitivityEngine:
         steps, self._row_weights = make_steps(token_batches, per_step)
         layout = {"batches_per_step": per_step, "steps": len(steps)}
         chunk_size, stored_steps = self._memory_plan(steps)
-        stats, first_chunk_inputs = self._load_or_calibrate(steps, readers, chunk_size, stored_steps, layout)
+        mine = self.parallel.own_steps(len(steps))  # data-parallel: this rank's steps (all, alone)
+        stats, first_chunk_inputs = self._load_or_calibrate(steps, mine, readers, chunk_size, stored_steps, layout)
         finished = self.cache.load_chunks() if self.cache is not None else {}
         plan = _chunk_plan(len(steps), chunk_size, finished)
         done = sum(end - first for first, end in plan if first in finished)
@@ -158,8 +163,10 @@ class SensitivityEngine:
                 if first in finished:
                     partial = finished[first][1]
                 else:
-                    kept = first_chunk_inputs if first == 0 and first_chunk_inputs and end == len(first_chunk_inputs) else None
-                    partial = self._score_chunk(steps[first:end], first, stats, bar, kept)
+                    indices = self.parallel.shard(range(first, end))  # data-parallel: this rank's steps of the chunk
+                    kept = first_chunk_inputs if first == 0 and first_chunk_inputs and len(indices) == len(first_chunk_inputs) else None
+                    partial = self._score_chunk([steps[i] for i in indices], indices, stats, bar, kept)
+                    partial = self.parallel.reduce_scores(partial)  # data-parallel: the chunk's scores over all ranks
                     if self.cache is not None:
                         self.cache.save_chunk(first, end, partial)
                 for name, per_format in partial.items():
@@ -169,7 +176,8 @@ class SensitivityEngine:
 
     def _memory_plan(self, steps: list[torch.Tensor]) -> tuple[int, int]:
         """Steps per scoring chunk, and how many steps' hidden states calibration keeps on the
-        store device, within ``store_budget_gib``.
+        store device, within ``store_budget_gib``. Data-parallel: each of N ranks scores 1/N of a
+        chunk's steps, and every rank plans the same chunks (from all steps, not its own).
 
         A chunk of ``c`` steps holds ``L + 2`` hidden states per step while it is scored (every
         block's input, the head's output and the gradient). Calibration keeps the first chunk's
@@ -180,18 +188,23 @@ class SensitivityEngine:
         dtype_bytes = next(self.model.parameters()).element_size()
         step_bytes = max(s.numel() for s in steps) * self.structure.lm_head.in_features * dtype_bytes
         budget = self.options.store_budget_gib * 2**30 / step_bytes  # in hidden states of one step
-        chunk = self.options.chunk_steps or max(1, min(len(steps), int(budget // (layers + 2))))
-        return chunk, max(chunk, min(len(steps), int(budget - chunk * layers)))
+        world = self.parallel.world
+        most = -(-len(steps) // world)  # the most steps one rank has
+        own = max(1, min(most, int(budget // (layers + 2))))  # steps of a chunk one rank scores
+        if self.options.chunk_steps:
+            own = -(-self.options.chunk_steps // world)
+        return self.options.chunk_steps or own * world, max(own, min(most, int(budget - own * layers)))
 
     def _progress(self, total: int, desc: str):
         return tqdm(total=total, desc=f"autoq {desc}", unit="step", disable=not self.options.progress, leave=False)
 
     # ------------------------------------------------------ pass 1: calibration
     def _load_or_calibrate(
-        self, steps: list[torch.Tensor], readers: dict[str, str], keep_inputs: int, stored_steps: int, layout: dict[str, int]
+        self, steps: list[torch.Tensor], mine: list[int], readers: dict[str, str], keep_inputs: int, stored_steps: int,
+        layout: dict[str, int],
     ) -> tuple[dict[str, LayerStats], list[list[torch.Tensor]] | None]:
-        """Calibration statistics, and every block's input for the first ``keep_inputs`` steps:
-        the calibration pass is also the first scoring chunk's forward pass.
+        """Calibration statistics, and every block's input for this rank's steps (``mine``) among
+        the first ``keep_inputs``: the calibration pass is also the first scoring chunk's forward pass.
 
         An interrupted run's statistics are reused only if its steps were the same batches
         (its finished chunks are then sums over the same steps); otherwise it starts over.
@@ -202,26 +215,29 @@ class SensitivityEngine:
                 return stats, None
             log(f"the interrupted run in the score cache grouped its batches differently ({saved_layout}, now {layout}): "
                 "starting over")  # fmt: skip
-        stats, kept = self._calibrate(steps, readers, keep_inputs, stored_steps)
+        stats, kept = self._calibrate(steps, mine, readers, keep_inputs, stored_steps)
         if self.cache is not None:
             self.cache.save_stats(stats, layout)
         return stats, kept
 
     def _calibrate(
-        self, steps: list[torch.Tensor], readers: dict[str, str], keep_inputs: int, stored_steps: int
+        self, steps: list[torch.Tensor], mine: list[int], readers: dict[str, str], keep_inputs: int, stored_steps: int
     ) -> tuple[dict[str, LayerStats], list[list[torch.Tensor]]]:
         collector = StatsCollector(self.targets, readers, StatsCollector.samples_per_step_for(self.options.awq_tokens, len(steps)))
+        keep = len(self.parallel.shard(range(min(keep_inputs, len(steps)))))  # data-parallel: this rank's share
+        steps = [steps[i] for i in mine]
 
         @contextlib.contextmanager
         def collecting(targets: list[Target]) -> Iterator[None]:
             with collector.observing(targets):
                 yield
+            self.parallel.reduce_stats(targets, collector.stats)  # data-parallel: statistics over all ranks
             with record_function("autoq.awq_search"):
-                collector.search_awq(targets)
+                collector.search_awq(targets, self.parallel.sum_losses)  # data-parallel: AWQ losses over all ranks
 
         with self._progress(len(self.structure.layers) + 1, "calibrating") as bar:
             kept, finals = self.executor.forward(
-                steps, keep_inputs, lambda index: collecting(self.by_block.get(index, [])), label="calibrate",
+                steps, keep, lambda index: collecting(self.by_block.get(index, [])), label="calibrate",
                 tick=bar.update, stored_steps=stored_steps,
             )  # fmt: skip
             if head := self.by_block.get(None, []):
@@ -233,10 +249,11 @@ class SensitivityEngine:
 
     # ---------------------------------------------------------- pass 2: scores
     def _score_chunk(
-        self, steps: list[torch.Tensor], first_step: int, stats: dict[str, LayerStats], bar,
+        self, steps: list[torch.Tensor], step_indices: list[int], stats: dict[str, LayerStats], bar,
         inputs: list[list[torch.Tensor]] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Scores of one chunk of steps. ``inputs``: every block's input per step, if known."""
+        """Scores of one chunk of steps (``step_indices``: their global indices). ``inputs``:
+        every block's input per step, if known."""
         hooks = ScoreHooks(self.targets, stats, self.options.export_fused_scales, self.device)
         if inputs is None:  # forward, block-major: keep every block's input for this chunk
             inputs, _ = self.executor.forward(steps, len(steps), label="score_forward", tick=bar.update)
@@ -248,7 +265,7 @@ class SensitivityEngine:
             for b, (ids, per_step) in enumerate(zip(steps, inputs)):
                 x = per_step[-1].to(self.device).requires_grad_(True)
                 per_step[-1] = None
-                self.executor.head_backward(x, ids, self._loss(ids, first_step + b))
+                self.executor.head_backward(x, ids, self._loss(ids, step_indices[b]))
                 grads.append(x.grad.to(self.store_device))
                 after_step()
         bar.update()
