@@ -21,7 +21,7 @@ from tqdm import tqdm
 from autoq import fakequant
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
-from autoq.model import shared_input_readers
+from autoq.model import TIED_HEAD_REASON, lm_head_is_tied, shared_input_readers
 from autoq.plan import Plan
 from autoq.verify import VerifyReport, verify_checkpoint
 
@@ -56,6 +56,8 @@ def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids:
         module = modules[name]
         if not isinstance(module, nn.Linear):
             raise AutoqError(f"plan layer {name} is a {type(module).__name__}, not a linear layer")
+        if module is model.get_output_embeddings() and FORMATS[fmt_name].quantized and lm_head_is_tied(model):
+            raise AutoqError(f"plan quantizes {name}, which cannot be: {TIED_HEAD_REASON}")
         if not FORMATS[fmt_name].supports(module.out_features, module.in_features):
             raise AutoqError(f"{name} ({module.out_features}x{module.in_features}) cannot be stored as {fmt_name}")
     readers = shared_input_readers(model, list(formats), sample_ids)

@@ -115,6 +115,22 @@ def directory_fingerprint(path: Path, samples_per_file: int = 16, sample_bytes: 
     return digest.hexdigest()[:24]
 
 
+def lm_head_is_tied(model: nn.Module) -> bool:
+    """Whether the output head reads the input embedding's tensor (``tie_word_embeddings``).
+
+    ModelOpt's export then keeps the BF16 embedding and writes a quantized copy of the head next to
+    it: quantizing a tied head adds bits instead of saving them, so autoq never quantizes one.
+    """
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+TIED_HEAD_REASON = (
+    "it shares its weight with the input embedding (tied), and the export would keep the BF16 embedding "
+    "and add a quantized copy, adding bits instead of saving them"
+)
+
+
 class _LayerInputs(Exception):
     """Raised from a hook to stop a forward pass once the first decoder block's inputs are known."""
 

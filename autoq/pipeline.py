@@ -22,7 +22,7 @@ from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, default_model, is_synthetic
 from autoq.errors import AutoqError, atomic_output_dir, check_output_dir
-from autoq.model import ModelSource, check_causal_lm, load_model, load_tokenizer, resolve_model
+from autoq.model import TIED_HEAD_REASON, ModelSource, check_causal_lm, lm_head_is_tied, load_model, load_tokenizer, resolve_model
 from autoq.plan import Plan, plan_from_solution
 from autoq.search_space import LayerChoice, SearchSpace, load_search_space, select_layers
 from autoq.sensitivity import ENGINE_VERSION, ScoringOptions, SensitivityEngine
@@ -72,7 +72,10 @@ def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: in
     with torch.device("meta"):  # module names, classes and shapes, without reading weights
         skeleton = AutoModelForCausalLM.from_config(config)
     structure = DecoderStructure(skeleton)
-    choices = select_layers(skeleton, search_space, structure.lm_head_name)
+    tied = lm_head_is_tied(skeleton)
+    if tied and search_space.search_lm_head:
+        log(f"{structure.lm_head_name} is not searched: {TIED_HEAD_REASON}")
+    choices = select_layers(skeleton, search_space, structure.lm_head_name, lm_head_tied=tied)
     total = sum(p.numel() for p in skeleton.parameters())
     return Workload(source, tokenizer, search_space, calibration, choices, total, type(skeleton).__name__)
 

@@ -149,14 +149,18 @@ class LayerChoice:
         return self.out_features * self.in_features
 
 
-def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str) -> list[LayerChoice]:
-    """Every ``nn.Linear`` the search space selects, with its candidate formats."""
+def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_head_tied: bool = False) -> list[LayerChoice]:
+    """Every ``nn.Linear`` the search space selects, with its candidate formats.
+
+    The LM head is selected only when the space asks for it and it is not tied to the embedding
+    (``autoq.model.lm_head_is_tied``: quantizing a tied head stores more bits, not fewer).
+    """
     choices = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         class_name = type(module).__name__
-        if name == lm_head_name and not space.search_lm_head:
+        if name == lm_head_name and (not space.search_lm_head or lm_head_tied):
             continue
         if not space.is_selected(name, class_name):
             continue

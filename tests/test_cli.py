@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from autoq.cli import main
+from autoq.model import TIED_HEAD_REASON
 from autoq.formats import FORMATS
 from autoq.plan import load_plan
 from autoq.verify import logical_shape, read_headers, read_quant_config, verify_checkpoint
@@ -49,6 +50,46 @@ def test_search_and_export_end_to_end(model_fixture: str, request: pytest.Fixtur
     for required in ("config.json", "tokenizer.json", "model.safetensors", "autoq_plan.json"):
         assert (checkpoint / required).is_file()
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def stored_tensor_bits(checkpoint: Path) -> dict[str, int]:
+    """Bits of every tensor's data as the safetensors files lay them out (header offsets, not dtypes)."""
+    bits = {}
+    for shard in checkpoint.glob("*.safetensors"):
+        with shard.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        bits |= {name: 8 * (info["data_offsets"][1] - info["data_offsets"][0]) for name, info in header.items() if name != "__metadata__"}
+    assert 8 * sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) - sum(bits.values()) < 8 * 2**16  # only headers left
+    return bits
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_plan_model_bits_equal_the_checkpoints_bytes(
+    model_fixture: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With lm_head searched: a tied head is skipped (saying why), an untied one quantized, and either
+    way the plan's whole-model bits are exactly the exported checkpoint's tensor bytes."""
+    model_dir = request.getfixturevalue(model_fixture)
+    space = _write(tmp_path / "head.yaml", "formats: [NVFP4, FP8, BF16]\nsearch_lm_head: true\n")
+    out, checkpoint = tmp_path / "run", tmp_path / "ckpt"
+    argv = ["search", "--model", str(model_dir), "--space", str(space), "--out", str(out), "--bits", "4.6", "--export", str(checkpoint)]
+    assert main([*argv, *FAST]) == 0
+    plan = load_plan(out / "plan.json")
+    tied = model_fixture.endswith("tied")
+    assert ("lm_head" in plan.layers) is not tied
+    assert (f"lm_head is not searched: {TIED_HEAD_REASON}" in capsys.readouterr().err) is tied
+    if not tied:
+        assert plan.layers["lm_head"].format == "NVFP4"
+    stored = sum(stored_tensor_bits(checkpoint).values())
+    assert stored / plan.achieved["total_params"] == plan.achieved["model_effective_bits"]
+    assert plan.achieved["model_effective_bits"] < 16 * 0.75  # and the plan saves what it claims
+
+
+def test_quantizing_a_tied_lm_head_is_refused(tiny_llama_tied: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan = _write(tmp_path / "plan.json", _plan({"lm_head": "FP8"}))
+    assert main(["apply", str(plan), "--model", str(tiny_llama_tied), "--export", str(tmp_path / "ckpt"), *FAST]) == 2
+    assert capsys.readouterr().err.strip() == f"autoq: error: plan quantizes lm_head, which cannot be: {TIED_HEAD_REASON}"
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_rerun_with_other_bits_reuses_scores_without_model_work(

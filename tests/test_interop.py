@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from autoq.apply import apply_plan, export_checkpoint
@@ -184,6 +185,20 @@ def test_converters_are_accepted_by_their_own_libraries() -> None:
     assert quark_doc["layer_quant_config"]["model.layers.0.self_attn.o_proj"] == quark_template.FP8Scheme().config.to_dict()
     nvfp4 = quark_template.FP4Block16ScaleE4M3Scheme().config.to_dict()
     assert quark_doc["layer_quant_config"]["model.layers.0.self_attn.q_proj"] == nvfp4
+
+
+@pytest.mark.parametrize("head", [None, "BF16", "NVFP4"])
+def test_converters_never_list_a_layer_as_both_ignored_and_quantized(head: str | None) -> None:
+    """An unplanned or BF16 lm_head is left alone; a planned quantized one is quantized, not also ignored."""
+    formats = MIXED | ({} if head is None else {"lm_head": head})
+    quantized = {n for n, f in formats.items() if f != "BF16"}
+    recipe = yaml.safe_load(to_llmcompressor(formats))["default_stage"]["default_modifiers"]["QuantizationModifier"]
+    targets = {t for group in recipe["config_groups"].values() for t in group["targets"]}
+    quark = to_quark(formats)
+    for ignored, listed in ((set(recipe["ignore"]), targets), (set(quark["exclude"]), set(quark["layer_quant_config"]))):
+        assert listed == quantized
+        assert ("lm_head" in ignored) is (head != "NVFP4")
+        assert ignored == {n for n, f in formats.items() if f == "BF16"} | ({"lm_head"} if head is None else set())
 
 
 def test_converters_name_the_layers_they_cannot_express(monkeypatch: pytest.MonkeyPatch) -> None:
