@@ -149,20 +149,26 @@ def _as_exported(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, overwrite: bool = False) -> VerifyReport:
-    """Export a ModelOpt-quantized model as a unified HF checkpoint, verified, all or nothing.
+def write_checkpoint(model: nn.Module, tokenizer, plan: Plan, directory: Path) -> VerifyReport:
+    """Export a ModelOpt-quantized model as a unified HF checkpoint into the empty ``directory``, and
+    verify it; any verification problem is an error.
 
     ModelOpt packs the weights in place: ``model`` is not usable for inference afterwards.
     """
     from modelopt.torch.export import export_hf_checkpoint
 
     dtype = next(model.parameters()).dtype
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        with modelopt_quietly():
-            export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
-        tokenizer.save_pretrained(tmp)
-        plan.save(tmp / "autoq_plan.json")
-        report = verify_checkpoint(tmp, plan.formats())
-        if report.problems:
-            raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
+    with modelopt_quietly():
+        export_hf_checkpoint(model, dtype=dtype, export_dir=directory)
+    tokenizer.save_pretrained(directory)
+    plan.save(Path(directory) / "autoq_plan.json")
+    report = verify_checkpoint(directory, plan.formats())
+    if report.problems:
+        raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
     return report
+
+
+def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, overwrite: bool = False) -> VerifyReport:
+    """``write_checkpoint`` into ``out_dir``, all or nothing (a temporary directory renamed into place)."""
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        return write_checkpoint(model, tokenizer, plan, tmp)

@@ -161,7 +161,8 @@ def write_report(sweep_dir: Path, out: Path, overwrite: bool = False) -> Path:
         for p in sorted(sweep_dir.glob("plans/autoq-*.json"), key=lambda p: float(p.stem.split("-", 1)[1]))
     }
     metrics = metric_columns(results)
-    table = results[REPORT_COLUMNS + metrics + ["wall_seconds", "device"]]
+    failures = ["status", "error"] if "error" in results and results.error.notna().any() else []  # failed rows say why
+    table = results[REPORT_COLUMNS + metrics + ["wall_seconds", "device"] + failures]
     with atomic_output_dir(out, overwrite) as tmp:
         figures = []
         for metric in metrics:

@@ -41,6 +41,14 @@ def tiny_llama_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_odd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Input sizes of 192 (not a multiple of 128): no INT4 format can store the attention and gate/up
+    layers, as with SmolLM2-135M's 576."""
+    shape = {**TINY, "hidden_size": 192, "intermediate_size": 384}
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny-llama-odd", "llama", seed=3, **shape)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2", seed=1, **TINY)
 
