@@ -84,11 +84,7 @@ def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
     functional backend, so the same calibrated quantizers run on CPU with our bit-matched
     implementation. Returns how many quantizers were switched.
     """
-    from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        is_registered_quant_backend,
-        register_quant_backend,
-    )
+    from modelopt.torch.quantization.nn import TensorQuantizer, is_registered_quant_backend, register_quant_backend
 
     if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
         register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
@@ -118,7 +114,6 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
     calibration disturbs the other's state.
     """
     import modelopt.torch.quantization as mtq
-    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
 
     device = next(model.parameters()).device
     check_plan_fits_model(model, formats, batches[0][:1, :64].to(device))
@@ -133,14 +128,17 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
         rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
         if rest_quant_cfg:
             mtq.set_quantizer_by_cfg(model, rest_quant_cfg)
-            with set_quantizer_by_cfg_context(model, [{"quantizer_name": f"{n}.*", "enable": False} for n in awq]):
+            with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": f"{n}.*", "enable": False} for n in awq]):
                 mtq.calibrate(model, algorithm="max", forward_loop=_forward_loop(batches, device, "calibrating (max)", progress))
         return _as_exported(model)
 
 
 def _as_exported(model: nn.Module) -> nn.Module:
     """Make fused layers share scales now, as the exporter will: the in-memory model then
-    computes what the exported checkpoint computes (and exporting again changes nothing)."""
+    computes what the exported checkpoint computes (and exporting again changes nothing).
+
+    ``requantize_resmooth_fused_llm_layers`` is not in ModelOpt's public API (see the README's
+    list and ``tests/test_modelopt_api.py``)."""
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     use_torch_nvfp4_off_cuda(model)

@@ -49,6 +49,20 @@ def checkpoint_formats(checkpoint: Path) -> dict[str, str]:
     return {key[: -len(".weight_scale")]: fmt.name for key in headers if key.endswith(".weight_scale")}
 
 
+def unquantized_config(checkpoint: Path):
+    """The checkpoint's model config without its quantization_config: transformers then builds
+    plain modules (autoq reads the quantized tensors itself)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as err:
+        raise AutoqError(f"cannot read {Path(checkpoint) / 'config.json'}: {err}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer computing as a runtime would from a quantized checkpoint layer."""
 
@@ -76,16 +90,18 @@ class FakeQuantLinear(nn.Module):
 
 def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu") -> nn.Module:
     """The checkpoint's model with every quantized linear replaced by a ``FakeQuantLinear``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.57
+        from transformers.modeling_utils import no_init_weights
 
     checkpoint = Path(checkpoint)
     formats = checkpoint_formats(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint)
-    config.quantization_config = None  # the weights we load are dequantized ourselves
+    config = unquantized_config(checkpoint)  # the weights we load are dequantized ourselves
     dtype = getattr(config, "torch_dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # every weight is overwritten below; buffers (rotary) are built normally
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     headers = read_headers(checkpoint)

@@ -82,6 +82,7 @@ def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: in
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):  # module names, classes and shapes, without reading weights
         skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton.tie_weights()  # as loading does (some transformers versions leave a meta skeleton untied)
     structure = DecoderStructure(skeleton)
     tied = lm_head_is_tied(skeleton)
     if tied and search_space.search_lm_head:

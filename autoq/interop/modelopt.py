@@ -165,9 +165,9 @@ def plan_formats_from_checkpoint(checkpoint: Path) -> dict[str, str]:
     ``quantized_layers``, or a uniform ``quant_algo`` with ``exclude_modules``. The linear layers
     themselves come from a weightless copy of the model built from config.json.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from autoq.checkpoint import checkpoint_formats
+    from autoq.checkpoint import checkpoint_formats, unquantized_config
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
@@ -175,11 +175,7 @@ def plan_formats_from_checkpoint(checkpoint: Path) -> dict[str, str]:
     if not (checkpoint / "config.json").is_file():
         raise AutoqError(f"checkpoint {checkpoint} has no config.json")
     quantized = checkpoint_formats(checkpoint)
-    try:
-        config = AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as err:
-        raise AutoqError(f"cannot read {checkpoint / 'config.json'}: {err}") from None
-    config.quantization_config = None
+    config = unquantized_config(checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     linears = [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
