@@ -24,7 +24,15 @@ from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, default_model, is_synthetic
 from autoq.devices import default_device
 from autoq.errors import AutoqError, check_output_dir
-from autoq.model import TIED_HEAD_REASON, ModelSource, check_causal_lm, lm_head_is_tied, load_model, load_tokenizer, resolve_model
+from autoq.model import (
+    TIED_HEAD_REASON,
+    ModelSource,
+    check_causal_lm,
+    lm_head_is_tied,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from autoq.plan import Plan, plan_from_solution
 from autoq.search_space import LayerChoice, SearchSpace, load_search_space, select_layers
 from autoq.sensitivity import ENGINE_VERSION, ScoringOptions, SensitivityEngine

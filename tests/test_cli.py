@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from autoq.checkpoint import read_quant_config
 from autoq.cli import main
 from autoq.formats import FORMATS
 from autoq.model import TIED_HEAD_REASON
 from autoq.plan import load_plan
-from autoq.checkpoint import read_quant_config
 from autoq.verify import verify_checkpoint
 
 FAST = ["--calib-samples", "8", "--seq-len", "64", "--no-progress"]

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from autoq.apply import apply_plan, export_checkpoint
 from autoq.checkpoint import checkpoint_formats, load_fake_quant_model, read_quant_config
-from autoq.codec import dequantize_weight, read_layer_tensors
 from autoq.cli import main
+from autoq.codec import dequantize_weight, read_layer_tensors
 from autoq.data import load_tokens
 from autoq.errors import AutoqError
 from autoq.formats import FORMATS, Format
