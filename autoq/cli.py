@@ -50,7 +50,9 @@ def _budgets(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated numbers, got none")
+    if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError("bits must be positive")
     return values
 
