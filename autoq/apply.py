@@ -23,6 +23,7 @@ from autoq import fakequant
 from autoq.decoder import shared_input_readers
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
+from autoq.model import TIED_HEAD_REASON, lm_head_is_tied
 from autoq.plan import Plan
 from autoq.search_space import all_layers
 from autoq.verify import VerifyReport, verify_checkpoint
@@ -67,6 +68,8 @@ def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids:
     for name, fmt_name in formats.items():
         if name not in layers:
             raise AutoqError(f"plan layer {name} is a {type(modules[name]).__name__}, not a linear layer")
+        if modules.get(name) is model.get_output_embeddings() and FORMATS[fmt_name].quantized and lm_head_is_tied(model):
+            raise AutoqError(f"plan quantizes {name}, which cannot be: {TIED_HEAD_REASON}")
         if not layers[name].supports(fmt_name):
             raise AutoqError(f"{name} ({layers[name].out_features}x{layers[name].in_features}) cannot be stored as {fmt_name}")
     readers = shared_input_readers(model, [name for name in formats if name in modules], sample_ids)
@@ -93,11 +96,7 @@ def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
     functional backend, so the same calibrated quantizers run on CPU with our bit-matched
     implementation. Returns how many quantizers were switched.
     """
-    from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        is_registered_quant_backend,
-        register_quant_backend,
-    )
+    from modelopt.torch.quantization.nn import TensorQuantizer, is_registered_quant_backend, register_quant_backend
 
     if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
         register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
@@ -164,7 +163,10 @@ def _swapped_in(model: nn.Module, modules: dict[str, nn.Module], device: torch.d
 
 def _as_exported(model: nn.Module) -> nn.Module:
     """Make fused layers share scales now, as the exporter will: the in-memory model then
-    computes what the exported checkpoint computes (and exporting again changes nothing)."""
+    computes what the exported checkpoint computes (and exporting again changes nothing).
+
+    ``requantize_resmooth_fused_llm_layers`` is not in ModelOpt's public API (see the README's
+    list and ``tests/test_modelopt_api.py``)."""
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     use_torch_nvfp4_off_cuda(model)
@@ -204,8 +206,9 @@ def exported_layer_formats(model: nn.Module, formats: dict[str, str]) -> dict[st
     return result
 
 
-def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, overwrite: bool = False) -> VerifyReport:
-    """Export a ModelOpt-quantized model as a unified HF checkpoint, verified, all or nothing.
+def write_checkpoint(model: nn.Module, tokenizer, plan: Plan, directory: Path) -> VerifyReport:
+    """Export a ModelOpt-quantized model as a unified HF checkpoint into the empty ``directory``, and
+    verify it; any verification problem is an error.
 
     ModelOpt packs the weights in place: ``model`` is not usable for inference afterwards.
     """
@@ -213,12 +216,17 @@ def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, ov
 
     dtype = next(model.parameters()).dtype
     exported_formats = exported_layer_formats(model, plan.formats())
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        with modelopt_quietly():
-            export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
-        tokenizer.save_pretrained(tmp)
-        plan.save(tmp / "autoq_plan.json")
-        report = verify_checkpoint(tmp, exported_formats)
-        if report.problems:
-            raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
+    with modelopt_quietly():
+        export_hf_checkpoint(model, dtype=dtype, export_dir=directory)
+    tokenizer.save_pretrained(directory)
+    plan.save(Path(directory) / "autoq_plan.json")
+    report = verify_checkpoint(directory, exported_formats)
+    if report.problems:
+        raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
     return report
+
+
+def export_checkpoint(model: nn.Module, tokenizer, plan: Plan, out_dir: Path, overwrite: bool = False) -> VerifyReport:
+    """``write_checkpoint`` into ``out_dir``, all or nothing (a temporary directory renamed into place)."""
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        return write_checkpoint(model, tokenizer, plan, tmp)

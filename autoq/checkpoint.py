@@ -1,20 +1,13 @@
-"""Reading exported checkpoints back: dequantized weights and a fake-quantized model.
+"""Reading exported checkpoints back: their layer formats and a fake-quantized model.
 
-The inverse of ModelOpt's unified HF export for the registry's formats:
-* FP8: ``weight (e4m3) * weight_scale``.
-* NVFP4: two E2M1 codes per byte (low nibble first, bit 3 = sign) times the FP8-E4M3 block
-  scale (one per 16 values) times the FP32 ``weight_scale_2``.
-* W4A8 / INT4_AWQ: two signed INT4 codes per byte packed along the output dimension (row 2r in
-  the low nibble, 2r+1 in the high one) times the per-group-of-128 ``weight_scale``. W4A8 then
-  rounds the result onto the per-tensor FP8 grid ``weight_scale_2``, as its FP8 GEMM does.
-
-``load_fake_quant_model`` rebuilds a model whose quantized linears run dequantized weights and
-fake-quantized activations (``input_scale`` gives the static amax): what a runtime computes,
-in plain PyTorch, on any device.
+``load_fake_quant_model`` rebuilds a model whose quantized linears run the weights decoded from
+the checkpoint (``autoq.codec``) and fake-quantized activations (``input_scale`` gives the static
+amax): what a runtime computes, in plain PyTorch, on any device.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -23,58 +16,23 @@ from safetensors import safe_open
 from torch import nn
 
 from autoq import fakequant
+from autoq.codec import dequantize_weight, read_headers, read_layer_tensors
 from autoq.errors import AutoqError
 from autoq.formats import FORMATS, Format
-from autoq.verify import read_headers, read_quant_config
 
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 # input_scale = amax / (largest code of the activation grid): FP8 448, NVFP4 6 * 448.
 _ACTIVATION_SCALE_TO_AMAX = {"fp8": fakequant.FP8_E4M3_MAX, "nvfp4": fakequant.FP4_E2M1_MAX * fakequant.FP8_E4M3_MAX}
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """``(out/2, in)`` uint8 -> ``(out, in)`` int8 codes in [-8, 7]."""
-    low = (packed & 0x0F).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    codes = torch.stack([low, high], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
-    return torch.where(codes > 7, codes - 16, codes)
-
-
-def unpack_nvfp4(packed: torch.Tensor) -> torch.Tensor:
-    """``(out, in/2)`` uint8 -> ``(out, in)`` float32 E2M1 values."""
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
-    return E2M1_VALUES.to(packed.device)[codes.long()]
-
-
-def dequantize_weight(fmt: Format, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Float32 weight of one layer from its stored tensors (keyed by suffix: weight, weight_scale, ...)."""
-    weight = tensors["weight"]
-    if fmt.weight is None:
-        return weight.float()
-    if fmt.weight == "fp8":
-        return weight.float() * tensors["weight_scale"].float()
-    if fmt.weight == "nvfp4":
-        block_scale = tensors["weight_scale"].float().repeat_interleave(fmt.weight_block, dim=1)
-        return unpack_nvfp4(weight) * block_scale * tensors["weight_scale_2"].float()
-    if fmt.weight == "int4":
-        group_scale = tensors["weight_scale"].float().repeat_interleave(fmt.weight_block, dim=1)
-        values = unpack_int4(weight).float() * group_scale
-        if fmt.activation == "fp8":
-            values = fakequant.fp8_e4m3(values, tensors["weight_scale_2"].float() * fakequant.FP8_E4M3_MAX)
-        return values
-    raise AssertionError(fmt.weight)
-
-
-def read_layer_tensors(checkpoint: Path, name: str, headers=None) -> dict[str, torch.Tensor]:
-    """All tensors ``<name>.<suffix>`` of one layer, read from whichever shard holds them."""
-    headers = headers or read_headers(checkpoint)
-    tensors = {}
-    for key, info in headers.items():
-        prefix, _, suffix = key.rpartition(".")
-        if prefix == name:
-            with safe_open(str(Path(checkpoint) / info.shard), framework="pt") as handle:
-                tensors[suffix] = handle.get_tensor(key)
-    return tensors
+def read_quant_config(checkpoint: Path) -> dict:
+    """The ``quantization`` section of hf_quant_config.json (empty for an unquantized checkpoint)."""
+    path = Path(checkpoint) / "hf_quant_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("quantization", {})
+    except json.JSONDecodeError as err:
+        raise AutoqError(f"{path} is not valid JSON ({err.msg})") from None
 
 
 def checkpoint_formats(checkpoint: Path) -> dict[str, str]:
@@ -91,15 +49,29 @@ def checkpoint_formats(checkpoint: Path) -> dict[str, str]:
     return {key[: -len(".weight_scale")]: fmt.name for key in headers if key.endswith(".weight_scale")}
 
 
+def unquantized_config(checkpoint: Path):
+    """The checkpoint's model config without its quantization_config: transformers then builds
+    plain modules (autoq reads the quantized tensors itself)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as err:
+        raise AutoqError(f"cannot read {Path(checkpoint) / 'config.json'}: {err}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer computing as a runtime would from a quantized checkpoint layer."""
 
     def __init__(self, fmt: Format, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.fmt = fmt
-        weight = dequantize_weight(fmt, tensors)
+        weight = dequantize_weight(fmt, tensors, dtype)
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         pre_quant_scale = tensors.get("pre_quant_scale")
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
@@ -118,16 +90,18 @@ class FakeQuantLinear(nn.Module):
 
 def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu") -> nn.Module:
     """The checkpoint's model with every quantized linear replaced by a ``FakeQuantLinear``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.57
+        from transformers.modeling_utils import no_init_weights
 
     checkpoint = Path(checkpoint)
     formats = checkpoint_formats(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint)
-    config.quantization_config = None  # the weights we load are dequantized ourselves
+    config = unquantized_config(checkpoint)  # the weights we load are dequantized ourselves
     dtype = getattr(config, "torch_dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # every weight is overwritten below; buffers (rotary) are built normally
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     headers = read_headers(checkpoint)

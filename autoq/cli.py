@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from autoq import __version__
 from autoq.errors import AutoqError
@@ -17,33 +18,52 @@ from autoq.errors import AutoqError
 DEFAULT_OUT = "runs/search"
 
 
-def _budgets(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError("bits must be positive")
-    return values
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line, like every other autoq error (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"autoq: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated numbers, got none")
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("bits must be positive")
+    return values
 
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model directory, hub id, .gguf file, or 'synthetic' (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--space", default="default", help="search space: built-in name or YAML path (default: default)")
     parser.add_argument("--calib", default="default", help="calibration text: default | FILE.txt | FILE.jsonl | DATASET_DIR | HUB_NAME[:CONFIG]")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: 64)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    parser.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration sequences (default: 64)")
+    parser.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sequence (default: 512)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
 
@@ -52,7 +72,7 @@ def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=["fisher", "kl"], default="fisher",
                         help="fisher: LM loss on the calibration text; kl: label-free, tokens sampled from the model")  # fmt: skip
     parser.add_argument("--stream-blocks", action="store_true", help="keep decoder blocks on CPU, one at a time on the GPU")
-    parser.add_argument("--chunk-steps", type=int, default=None,
+    parser.add_argument("--chunk-steps", type=_positive_int, default=None,
                         help="steps (of about 8k tokens) per scoring pass, the unit of resume (default: from memory)")  # fmt: skip
     parser.add_argument("--tokens-per-step", type=_positive_int, default=None,
                         help="calibration tokens run together, the unit of work shared out to --gpus processes (default: 8192)")  # fmt: skip
@@ -61,7 +81,7 @@ def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoq", description="Mixed-precision quantization search for LLMs.")
+    parser = _Parser(prog="autoq", description="Mixed-precision quantization search for LLMs.")
     parser.add_argument("--version", action="version", version=f"autoq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -188,25 +208,27 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="ppl, kl, wikitext2, lambada, arc_easy, piqa, mmlu, TASK:SHOTS (e.g. mmlu:5) or any lm-eval task (default: ppl,kl)")  # fmt: skip
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="local data for wikitext2/lambada/arc_easy/piqa/mmlu (default: $AUTOQ_EVAL_DATA; neither: the hub)")  # fmt: skip
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval tasks without :SHOTS")
-    parser.add_argument("--limit", type=int, default=None, help="lm-eval documents per task (per MMLU subject)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--num-fewshot", type=_non_negative_int, default=None, help="few-shot examples for lm-eval tasks without :SHOTS")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="lm-eval documents per task (per MMLU subject)")
+    parser.add_argument("--max-length", type=_positive_int, default=None,
                         help="lm-eval's longest input, e.g. WikiText's rolling window (default: the model's context)")  # fmt: skip
-    parser.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for ppl/kl (default: 32)")
+    parser.add_argument("--eval-samples", type=_positive_int, default=32, help="held-out sequences for ppl/kl (default: 32)")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from autoq import distributed, pipeline
-    from autoq.apply import apply_plan, export_checkpoint
+    from autoq.errors import atomic_output_dirs
 
-    pipeline.preflight_outputs((args.out, args.overwrite), (args.export, args.overwrite))
+    device = _device(args.device)  # an unavailable device is the first error, before any work
+    outputs = [(args.out, args.overwrite)] + ([(args.export, args.overwrite)] if args.export is not None else [])
+    pipeline.preflight_outputs(*outputs)
     if args.export is not None:
         pipeline.require_single_budget(args.bits, "--export")
     if args.gpus is not None and args.gpus > 1 and _processes() == 1:
         distributed.check_launch(args.gpus, args.device)
         return distributed.launch(args.gpus, args.argv)  # torchrun's machinery runs this command in each process
     # Under torchrun: every rank scores its share of the steps; rank 0 alone goes on from there.
-    with distributed.process_group(args.device, args.gpus) as (parallel, device):
+    with distributed.process_group(device, args.gpus) as (parallel, device):  # each rank: its own device
         work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
         if work.synthetic:
             pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised, not a trained LM): numbers are real "
@@ -222,19 +244,19 @@ def cmd_search(args: argparse.Namespace) -> int:
                  f"(peak memory {_fmt_memory(scores.peak_memory)}; cache {scores.cache.dir})")  # fmt: skip
     plans, curve = pipeline.make_plans(work, scores, args.bits, args.objective)
     summary = pipeline.run_summary(work, scores, options, plans)
-    pipeline.write_search_outputs(args.out, args.overwrite, scores, plans, curve, summary)
     for plan in plans:
         a = plan.achieved
         shares = ", ".join(f"{fmt} {share:.0%}" for fmt, share in a["format_share"].items())
         pipeline.log(f"--bits {plan.budget['effective_bits']:g}: {a['searched_effective_bits']:.3f} bits on searched layers, "
                      f"{a['model_effective_bits']:.3f} on the whole model, total score {a['total_score']:.4g} ({shares})")  # fmt: skip
+    # --out and --export appear together, or (on any failure) neither does.
+    with atomic_output_dirs(*outputs) as staged:
+        pipeline.write_search_outputs(staged[0], scores, plans, curve, summary)
+        if args.export is not None:
+            report = pipeline.export_plan(work, plans[0], args.dtype, device, args.stream_blocks, args.batch_size, staged[1],
+                                          progress=not args.no_progress)  # fmt: skip
     pipeline.log(f"wrote {args.out}/ (scores, {len(plans)} plan(s), frontier.csv, search.json)")
     if args.export is not None:
-        model = pipeline.ensure_model(work, args.dtype, options.device or _default_device())
-        if args.stream_blocks:
-            model.to("cpu")
-        apply_plan(model, plans[0].formats(), work.calibration.batches(args.batch_size), progress=not args.no_progress)
-        report = export_checkpoint(model, work.tokenizer, plans[0], args.export, overwrite=args.overwrite)
         pipeline.log(f"exported and verified {args.export}/ ({report.effective_bits:.3f} bits per searched weight as stored)")
     return 0
 
@@ -298,20 +320,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from autoq import pipeline
-    from autoq.apply import apply_plan, export_checkpoint
-    from autoq.data import load_tokens
-    from autoq.default_model import default_model
-    from autoq.model import load_model, load_tokenizer, resolve_model
     from autoq.plan import load_plan
 
+    device = _device(args.device)
     pipeline.preflight_outputs((args.export, args.overwrite))
     plan = load_plan(args.plan)
-    source = resolve_model(args.model) if args.model else default_model()
-    tokenizer = load_tokenizer(source)
-    calibration = load_tokens(args.calib, tokenizer, args.calib_samples, args.seq_len)
-    model = load_model(source, dtype=args.dtype, device=args.device or _default_device())
-    apply_plan(model, plan.formats(), calibration.batches(args.batch_size), progress=not args.no_progress)
-    report = export_checkpoint(model, tokenizer, plan, args.export, overwrite=args.overwrite)
+    report = pipeline.apply_and_export(plan, args.model, args.calib, args.calib_samples, args.seq_len, args.dtype, device,
+                                       args.batch_size, args.export, args.overwrite, progress=not args.no_progress)  # fmt: skip
     pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
                  f"{report.effective_bits:.3f} bits per planned weight as stored)")  # fmt: skip
     return 0
@@ -324,13 +339,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from autoq.cache import _atomic_write
     from autoq.evaluate import EvalSpec, check_checkpoint_dir, evaluate_target
 
+    device = _device(args.device)  # an unavailable device is the first error, before any work
     spec = EvalSpec.parse(args.tasks, args.eval_data, default_shots=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                           max_length=args.max_length)  # fmt: skip
     if args.checkpoint is not None:
         check_checkpoint_dir(args.checkpoint)  # before resolving (maybe converting) the reference model
     work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
     result = evaluate_target(work, spec, plan_path=args.plan, checkpoint=args.checkpoint, eval_samples=args.eval_samples,
-                             dtype=args.dtype, device=args.device or _default_device(), progress=not args.no_progress)  # fmt: skip
+                             dtype=args.dtype, device=device, progress=not args.no_progress)  # fmt: skip
     print(json.dumps(result["metrics"], indent=2))
     if args.out is not None:
         _atomic_write(args.out, lambda path: path.write_text(json.dumps(result, indent=2, default=str)))
@@ -341,6 +357,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from autoq import pipeline
     from autoq.sweep import SweepConfig, run_sweep
 
+    device = _device(args.device)
     baselines = [b.strip().lower() for b in args.baselines.split(",") if b.strip()]
     unknown = set(baselines) - {"bf16", "fp8", "w4a8", "nvfp4", "modelopt"}
     if unknown:
@@ -354,9 +371,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
     if work.synthetic:
         pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
-    options = _scoring_options(args, args.device, progress=not args.no_progress)
+    options = _scoring_options(args, device, progress=not args.no_progress)
     scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
-    table = run_sweep(work, scores, config, args.out, args.dtype, options.device or _default_device(), args.objective, not args.no_progress)
+    table = run_sweep(work, scores, config, args.out, args.dtype, device, args.objective, not args.no_progress, args.stream_blocks)
     columns = [c for c in ["method", "budget_bits", "searched_bits", "size_bytes", "ppl", "kl", "mmlu_acc"] if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
     pipeline.log(f"wrote {args.out}/ (results.csv, results.parquet, plans/, rows/)")
@@ -373,44 +390,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_table(plan):
-    import pandas as pd
-
-    rows = [{"layer": n, "format": l.format, "params": l.params, "bits": l.bits} for n, l in plan.layers.items()]
-    return pd.DataFrame(rows)
-
-
 def cmd_plan_show(args: argparse.Namespace) -> int:
-    from autoq.plan import load_plan
+    from autoq.plan import describe_plan, load_plan
 
-    plan = load_plan(args.plan)
-    table = _layer_table(plan)
-    print(table.to_string(index=False))
-    known = table.dropna(subset=["params", "bits"])
-    if len(known):
-        print(f"# {len(table)} layers, {int(known.params.sum())} params, {int(known.bits.sum())} bits: "
-              f"{known.bits.sum() / known.params.sum():.4f} effective bits")  # fmt: skip
-    print("# " + ", ".join(f"{fmt}: {count}" for fmt, count in table.format.value_counts().items()))
+    print(describe_plan(load_plan(args.plan)))
     return 0
 
 
 def cmd_plan_diff(args: argparse.Namespace) -> int:
-    from autoq.plan import load_plan
+    from autoq.plan import describe_diff, load_plan
 
-    a, b = load_plan(args.a), load_plan(args.b)
-    rows = []
-    for name in sorted(set(a.layers) | set(b.layers)):
-        la, lb = a.layers.get(name), b.layers.get(name)
-        if la is None or lb is None or la.format != lb.format:
-            rows.append({"layer": name, "a": la.format if la else "-", "b": lb.format if lb else "-",
-                         "bits_a": la.bits if la else None, "bits_b": lb.bits if lb else None})  # fmt: skip
-    import pandas as pd
-
-    print(pd.DataFrame(rows, columns=["layer", "a", "b", "bits_a", "bits_b"]).to_string(index=False) if rows else "# identical formats")
-    for label, plan in (("a", a), ("b", b)):
-        bits = plan.achieved.get("searched_effective_bits")
-        print(f"# {label}: {len(plan.layers)} layers" + (f", {bits:.4f} effective bits" if bits is not None else ""))
-    print(f"# {len(rows)} layer(s) differ")
+    print(describe_diff(load_plan(args.a), load_plan(args.b)))
     return 0
 
 
@@ -435,40 +425,28 @@ def cmd_plan_convert(args: argparse.Namespace) -> int:
     if args.out is None:
         print(text)
     else:
-        args.out.write_text(text + "\n")
+        _write_text(args.out, text + "\n")
     return 0
 
 
 def cmd_plan_import(args: argparse.Namespace) -> int:
-    from autoq.formats import FORMATS
-    from autoq.interop.modelopt import plan_formats_from_checkpoint
-    from autoq.plan import LayerPlan, Plan, creation_info
-    from autoq.verify import logical_shape, read_headers
+    import json
 
-    formats = plan_formats_from_checkpoint(args.checkpoint)
-    headers = read_headers(args.checkpoint)
-    layers = {}
-    for name, fmt in formats.items():
-        shape = headers.get(f"{name}.weight")
-        if shape is None:  # e.g. a tied lm_head stored only as the embedding
-            continue
-        out_f, in_f = logical_shape(FORMATS[fmt], shape.shape)
-        layers[name] = LayerPlan(format=fmt, params=out_f * in_f, bits=FORMATS[fmt].storage_bits(out_f, in_f))
-    plan = Plan(layers=layers, model={"id": str(args.checkpoint)}, created={**creation_info(), "imported_from": str(args.checkpoint)})
+    from autoq.interop.modelopt import plan_from_checkpoint
+
+    plan = plan_from_checkpoint(args.checkpoint)
     if args.out is None:
-        import json
-
         print(json.dumps(plan.to_json(), indent=2))
     else:
-        plan.save(args.out)
+        _write_text(args.out, json.dumps(plan.to_json(), indent=2) + "\n")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     import json
 
-    from autoq.checkpoint import checkpoint_formats
-    from autoq.verify import read_quant_config, reference_errors, verify_checkpoint
+    from autoq.checkpoint import checkpoint_formats, read_quant_config
+    from autoq.verify import reference_errors, verify_checkpoint
 
     formats = checkpoint_formats(args.checkpoint)
     report = verify_checkpoint(args.checkpoint, formats)
@@ -503,10 +481,22 @@ def _scoring_options(args: argparse.Namespace, device: str | None, progress: boo
     )  # fmt: skip
 
 
-def _default_device() -> str:
-    import torch
+def _device(requested: str | None) -> str:
+    from autoq.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(requested)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A result file, written whole or not at all; an unwritable path is a user error."""
+    from autoq.errors import atomic_write
+
+    if not path.parent.is_dir():
+        raise AutoqError(f"cannot write {path}: {path.parent} is not a directory")
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+    except OSError as err:
+        raise AutoqError(f"cannot write {path} ({err.strerror or type(err).__name__})") from None
 
 
 def _fmt_memory(peak: dict[str, float]) -> str:
@@ -522,7 +512,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # usage errors (2, one line), --help and --version (0)
+        return exit_.code if isinstance(exit_.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus runs in each process
     try:
         if args.command != "search" and _processes() > 1:

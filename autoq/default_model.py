@@ -174,7 +174,8 @@ def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
 
 
 def write_random_model(
-    path: Path, architecture: str = "llama", seed: int = 0, overwrite: bool = False, **shape: int
+    path: Path, architecture: str = "llama", seed: int = 0, overwrite: bool = False, tie_word_embeddings: bool = False,
+    **shape: int,
 ) -> Path:
     """Write a randomly initialised causal LM (HF layout, safetensors, tokenizer) to ``path``."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -183,7 +184,7 @@ def write_random_model(
         raise ValueError(f"architecture must be one of {ARCHITECTURES}")
     tokenizer = train_tokenizer()
     config = AutoConfig.for_model(
-        architecture, vocab_size=len(tokenizer), tie_word_embeddings=False, **{**DEFAULT_SHAPE, **shape}
+        architecture, vocab_size=len(tokenizer), tie_word_embeddings=tie_word_embeddings, **{**DEFAULT_SHAPE, **shape}
     )
     config.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[architecture]]
     config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id

@@ -1,12 +1,13 @@
-"""User-facing errors and all-or-nothing output directories."""
+"""User-facing errors and all-or-nothing outputs (files and directories)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -35,21 +36,51 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``path`` only if the block succeeds.
-
-    Readers never see a half-written directory: on any exception the temporary directory is
-    deleted and ``path`` is left as it was.
-    """
-    path = Path(path)
-    check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+def _staged(paths: list[Path], directory: bool) -> Iterator[list[Path]]:
+    """Temporary siblings of ``paths`` that replace them only if the block succeeds, else vanish."""
+    staged: list[Path] = []
     try:
-        yield tmp
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if directory:
+                staged.append(Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)))
+            else:
+                handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+                os.close(handle)
+                staged.append(Path(name))
+        yield staged
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in staged:
+            shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    for tmp, path in zip(staged, paths):
+        if directory and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_output_dirs(*dirs_and_overwrite: tuple[Path, bool]) -> Iterator[list[Path]]:
+    """Temporary directories that become the given paths together, only if the block succeeds.
+
+    Readers never see a half-written directory: on any exception every temporary directory is
+    deleted and the paths are left as they were. The renames happen after all the work.
+    """
+    paths = [Path(path) for path, _ in dirs_and_overwrite]
+    for path, overwrite in zip(paths, (o for _, o in dirs_and_overwrite)):
+        check_output_dir(path, overwrite)
+    with _staged(paths, directory=True) as staged:
+        yield staged
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling directory that becomes ``path`` only if the block succeeds."""
+    with atomic_output_dirs((Path(path), overwrite)) as (tmp,):
+        yield tmp
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary sibling file, then rename it to ``path`` (no partial file, ever)."""
+    with _staged([Path(path)], directory=False) as (tmp,):
+        write(tmp)

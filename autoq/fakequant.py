@@ -78,17 +78,22 @@ FP4_E2M1_MAX = 6.0
 _AMAX_EPSILON = 1.0 / (1 << 24)
 
 
-@fused_on_cuda
-def fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize to FP8 E4M3 with scale ``amax / 448`` (``amax`` broadcasts against ``x``)."""
+def fp8_e4m3_codes(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 scale ``448 / amax`` and the E4M3 codes of ``x`` (what a checkpoint stores)."""
     amax = amax.to(device=x.device, dtype=torch.float32)
     safe_amax = torch.where(amax <= _AMAX_EPSILON, torch.ones_like(amax), amax)
     scale = FP8_E4M3_MAX / safe_amax
-    scaled = (x.to(torch.float32) * scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-    return (scaled.to(torch.float8_e4m3fn).to(torch.float32) * (1.0 / scale)).to(x.dtype)
+    return scale, (x.to(torch.float32) * scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def _round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+@fused_on_cuda
+def fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize to FP8 E4M3 with scale ``amax / 448`` (``amax`` broadcasts against ``x``)."""
+    scale, codes = fp8_e4m3_codes(x, amax)
+    return (codes.to(torch.float32) * (1.0 / scale)).to(x.dtype)
+
+
+def round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
     """Round non-negative values to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}.
 
     Same decision boundaries as ModelOpt's ``fp4_round_magnitude`` (ties to the even code).
@@ -103,17 +108,23 @@ def _round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
            torch.where(m <= 5.0, 4.0, 6.0)))))))  # fmt: skip
 
 
+def nvfp4_stored_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8-E4M3 block scales (``x.shape[:-1] + (blocks,)``) and the FP32 global scale of NVFP4."""
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    global_scale = global_amax.to(device=x.device, dtype=torch.float32) / (FP4_E2M1_MAX * FP8_E4M3_MAX)
+    global_scale = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, 1e-12))
+    block_amax = blocks.abs().amax(dim=-1)
+    in_fp8_range = (block_amax / (FP4_E2M1_MAX * global_scale)).clamp(max=FP8_E4M3_MAX)
+    return in_fp8_range.to(torch.float8_e4m3fn), global_scale
+
+
 def nvfp4_block_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
     """Per-block decode scales (FP8-rounded ``block_amax / 6``, times the global scale).
 
     Returns a float32 tensor shaped ``x.shape[:-1] + (x.shape[-1] // block_size, 1)``.
     """
-    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-    global_scale = global_amax.to(device=x.device, dtype=torch.float32) / (FP4_E2M1_MAX * FP8_E4M3_MAX)
-    global_scale = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, 1e-12))
-    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    in_fp8_range = (block_amax / (FP4_E2M1_MAX * global_scale)).clamp(max=FP8_E4M3_MAX)
-    scales = in_fp8_range.to(torch.float8_e4m3fn).to(torch.float32) * global_scale
+    block_scales, global_scale = nvfp4_stored_scales(x, global_amax, block_size)
+    scales = block_scales.to(torch.float32).unsqueeze(-1) * global_scale
     return torch.where(scales >= 1e-5, scales, torch.ones_like(scales))
 
 
@@ -124,7 +135,7 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> t
         raise ValueError(f"NVFP4 needs the last dimension ({x.shape[-1]}) divisible by {block_size}")
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
     scales = nvfp4_block_scales(x, global_amax, block_size)
-    magnitude = _round_to_e2m1(blocks.abs() / scales) * scales
+    magnitude = round_to_e2m1(blocks.abs() / scales) * scales
     return torch.where(blocks >= 0, magnitude, -magnitude).reshape(x.shape).to(x.dtype)
 
 
@@ -135,14 +146,9 @@ def int_block_amax(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.to(torch.float32).reshape(out_features, in_features // block_size, block_size).abs().amax(-1, keepdim=True)
 
 
-@fused_on_cuda
-def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
-    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]).
-
-    The two divisions run in float64 and are rounded to float32: that equals IEEE float32
-    division exactly (53 >= 2 * 24 + 2 bits), which ModelOpt's INT4 kernel uses and Triton's
-    fast float32 division does not; a flipped code at a rounding tie would break bit-equality.
-    """
+def int_block_codes(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-block scales ``max_code / amax`` (float32, ``(out, blocks, 1)``) and the integer codes
+    (as float32, ``(out, blocks, block_size)``) of symmetric full-range block quantization."""
     out_features, in_features = w.shape
     if in_features % block_size:
         raise ValueError(f"INT{num_bits} needs in_features ({in_features}) divisible by {block_size}")
@@ -152,5 +158,16 @@ def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_si
     scale = (torch.full_like(block_amax, max_bound, dtype=torch.float64) / block_amax.double()).float()
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     codes = torch.clamp(torch.round(blocks * scale), -max_bound - 1.0, max_bound)
-    scale = torch.where(zero, torch.ones_like(scale), scale)
-    return (codes.double() / scale.double()).float().reshape(out_features, in_features).to(w.dtype)
+    return torch.where(zero, torch.ones_like(scale), scale), codes
+
+
+@fused_on_cuda
+def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
+    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]).
+
+    The two divisions run in float64 and are rounded to float32: that equals IEEE float32
+    division exactly (53 >= 2 * 24 + 2 bits), which ModelOpt's INT4 kernel uses and Triton's
+    fast float32 division does not; a flipped code at a rounding tie would break bit-equality.
+    """
+    scale, codes = int_block_codes(w, block_amax, num_bits, block_size)
+    return (codes.double() / scale.double()).float().reshape(w.shape).to(w.dtype)

@@ -17,15 +17,26 @@ import torch
 from torch import nn
 
 from autoq import __version__, distributed
+from autoq.apply import apply_plan, export_checkpoint, write_checkpoint
 from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, is_synthetic
+from autoq.devices import default_device
 from autoq.errors import AutoqError, atomic_output_dir, check_output_dir, log  # noqa: F401 (log: the CLI calls pipeline.log)
-from autoq.model import ModelSource, check_causal_lm, load_model, load_tokenizer, resolve_model
+from autoq.model import (
+    TIED_HEAD_REASON,
+    ModelSource,
+    check_causal_lm,
+    lm_head_is_tied,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from autoq.plan import Plan, plan_from_solution
 from autoq.search_space import LayerChoice, SearchSpace, load_search_space, select_layers
 from autoq.sensitivity import ENGINE_VERSION, ScoringOptions, SensitivityEngine
 from autoq.solver import Options, assign_groups, frontier, solve
+from autoq.verify import VerifyReport
 
 
 @dataclass
@@ -55,24 +66,36 @@ class Workload:
         return info
 
 
+def load_sources(model: str | None, calib: str, samples: int, seq_len: int) -> tuple[ModelSource, object, TokenData]:
+    """The model (``--model``, else the default), its tokenizer and the calibration tokens; no weights."""
+    for flag, value in (("--model", model), ("--calib", calib)):
+        if value is not None and not value.strip():
+            raise AutoqError(f"{flag} is empty")
+    source = resolve_model(model)  # None: the default model
+    if source.weights_from:
+        log(f"model {source.name}: weights {source.weights_from}" + (f"; caveat: {source.caveat}" if source.caveat else ""))
+    check_causal_lm(source.path)
+    tokenizer = load_tokenizer(source)
+    return source, tokenizer, load_tokens(calib, tokenizer, samples, seq_len)
+
+
 def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: int) -> Workload:
     """Resolve the model, tokenizer, search space and calibration tokens; find the layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from autoq.decoder import DecoderStructure
 
-    source = resolve_model(model)
-    if source.weights_from:
-        log(f"model {source.name}: weights {source.weights_from}" + (f"; caveat: {source.caveat}" if source.caveat else ""))
-    check_causal_lm(source.path)
     search_space = load_search_space(space)
-    tokenizer = load_tokenizer(source)
-    calibration = load_tokens(calib, tokenizer, samples, seq_len)
+    source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):  # module names, classes and shapes, without reading weights
         skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton.tie_weights()  # as loading does (some transformers versions leave a meta skeleton untied)
     structure = DecoderStructure(skeleton)
-    choices = select_layers(skeleton, search_space, structure.lm_head_name)
+    tied = lm_head_is_tied(skeleton)
+    if tied and search_space.search_lm_head:
+        log(f"{structure.lm_head_name} is not searched: {TIED_HEAD_REASON}")
+    choices = select_layers(skeleton, search_space, structure.lm_head_name, lm_head_tied=tied)
     total = sum(p.numel() for p in skeleton.parameters())
     return Workload(source, tokenizer, search_space, calibration, choices, total, type(skeleton).__name__)
 
@@ -81,6 +104,43 @@ def ensure_model(work: Workload, dtype: str, device: str) -> nn.Module:
     if work.model is None:
         work.model = load_model(work.source, dtype=dtype, device=device)
     return work.model
+
+
+def model_for_apply(work: Workload, dtype: str, device: str, stream_blocks: bool) -> nn.Module:
+    """The loaded model with every tensor on one device, ready for ModelOpt's calibration.
+
+    Streamed scoring leaves the decoder blocks on the CPU and the rest on the device, and a model
+    scored with ``--stream-blocks`` may not fit the device at all: it is applied on the CPU.
+    """
+    target = "cpu" if stream_blocks else device
+    model = ensure_model(work, dtype, target)
+    if {p.device for p in model.parameters()} != {torch.device(target)}:
+        if stream_blocks:
+            log("--stream-blocks: the model is applied and evaluated on the CPU (it may not fit the device whole)")
+        model.to(target)
+    return model
+
+
+def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_blocks: bool, batch_size: int, directory: Path,
+                progress: bool = True) -> VerifyReport:  # fmt: skip
+    """Apply ``plan`` to the workload's model (calibrated on its calibration tokens) and write the
+    verified checkpoint into the empty ``directory``."""
+    model = model_for_apply(work, dtype, device, stream_blocks)
+    apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress)
+    work.model = None  # ModelOpt packed its weights in place
+    return write_checkpoint(model, work.tokenizer, plan, directory)
+
+
+def apply_and_export(
+    plan: Plan, model: str | None, calib: str, samples: int, seq_len: int, dtype: str, device: str, batch_size: int,
+    export: Path, overwrite: bool = False, progress: bool = True,
+) -> VerifyReport:  # fmt: skip
+    """``autoq apply``: a plan applied to a model, calibrated, exported and verified, all or nothing."""
+    check_output_dir(Path(export), overwrite)
+    source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
+    loaded = load_model(source, dtype=dtype, device=device)
+    apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress)
+    return export_checkpoint(loaded, tokenizer, plan, Path(export), overwrite)
 
 
 @dataclass
@@ -112,7 +172,7 @@ def score(work: Workload, options: ScoringOptions, dtype: str = "bfloat16", cach
     from_cache = table is not None
     load_seconds = 0.0
     if table is None:
-        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = options.device or default_device()
         model = ensure_model(work, dtype, "cpu" if options.stream_blocks else device)
         load_seconds = time.perf_counter() - start
         if torch.cuda.is_available():
@@ -160,16 +220,14 @@ def plan_filename(budget: float, many: bool) -> str:
     return f"plan-{budget:g}bits.json" if many else "plan.json"
 
 
-def write_search_outputs(
-    out: Path, overwrite: bool, scores: ScoreResult, plans: list[Plan], curve: pd.DataFrame, summary: dict
-) -> None:
-    with atomic_output_dir(out, overwrite) as tmp:
-        scores.table.to_parquet(tmp / "scores.parquet", index=False)
-        scores.table.to_csv(tmp / "scores.csv", index=False)
-        curve.to_csv(tmp / "frontier.csv", index=False)
-        for plan in plans:
-            plan.save(tmp / plan_filename(plan.budget["effective_bits"], len(plans) > 1))
-        (tmp / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+def write_search_outputs(directory: Path, scores: ScoreResult, plans: list[Plan], curve: pd.DataFrame, summary: dict) -> None:
+    """A search's results into the (staged, empty) ``directory``."""
+    scores.table.to_parquet(directory / "scores.parquet", index=False)
+    scores.table.to_csv(directory / "scores.csv", index=False)
+    curve.to_csv(directory / "frontier.csv", index=False)
+    for plan in plans:
+        plan.save(directory / plan_filename(plan.budget["effective_bits"], len(plans) > 1))
+    (directory / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run_summary(work: Workload, scores: ScoreResult, options: ScoringOptions, plans: list[Plan]) -> dict:
@@ -184,7 +242,7 @@ def run_summary(work: Workload, scores: ScoreResult, options: ScoringOptions, pl
         "scoring_seconds": round(scores.seconds, 3),
         "model_load_seconds": round(scores.load_seconds, 3),
         "peak_memory": scores.peak_memory,
-        "device": options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "device": options.device or default_device(),
         "processes": len(scores.peak_memory_per_rank),
         "peak_memory_per_rank": scores.peak_memory_per_rank,
         "plans": {plan.budget["effective_bits"]: plan.achieved for plan in plans},

@@ -66,6 +66,8 @@ def load_plan(path: Path) -> Plan:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise AutoqError(f"plan file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AutoqError(f"cannot read plan file {path} ({type(err).__name__})") from None
     except json.JSONDecodeError as err:
         raise AutoqError(f"plan file {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
     return plan_from_json(raw, str(path))
@@ -123,3 +125,43 @@ def plan_from_solution(
         "format_share": {fmt: picked[picked.format == fmt].params.sum() / searched_params for fmt in sorted(set(picked.format))},
     }
     return Plan(layers=layers, budget={"effective_bits": budget_bits}, achieved=achieved, created=creation_info(), **provenance)
+
+
+def layer_table(plan: Plan) -> pd.DataFrame:
+    """One row per planned layer: layer, format, params, bits."""
+    rows = [{"layer": n, "format": layer.format, "params": layer.params, "bits": layer.bits} for n, layer in plan.layers.items()]
+    return pd.DataFrame(rows, columns=["layer", "format", "params", "bits"])
+
+
+def describe_plan(plan: Plan) -> str:
+    """``autoq plan show``: the layer table, then totals and the format counts."""
+    table = layer_table(plan)
+    lines = [table.to_string(index=False)]
+    known = table.dropna(subset=["params", "bits"])
+    if len(known):
+        lines.append(f"# {len(table)} layers, {int(known.params.sum())} params, {int(known.bits.sum())} bits: "
+                     f"{known.bits.sum() / known.params.sum():.4f} effective bits")  # fmt: skip
+    lines.append("# " + ", ".join(f"{fmt}: {count}" for fmt, count in table.format.value_counts().items()))
+    return "\n".join(lines)
+
+
+def diff_plans(a: Plan, b: Plan) -> pd.DataFrame:
+    """The layers whose format differs (or that only one plan names), with both formats and bits."""
+    rows = []
+    for name in sorted(set(a.layers) | set(b.layers)):
+        la, lb = a.layers.get(name), b.layers.get(name)
+        if la is None or lb is None or la.format != lb.format:
+            rows.append({"layer": name, "a": la.format if la else "-", "b": lb.format if lb else "-",
+                         "bits_a": la.bits if la else None, "bits_b": lb.bits if lb else None})  # fmt: skip
+    return pd.DataFrame(rows, columns=["layer", "a", "b", "bits_a", "bits_b"])
+
+
+def describe_diff(a: Plan, b: Plan) -> str:
+    """``autoq plan diff``: the differing layers, each plan's size, and how many layers differ."""
+    table = diff_plans(a, b)
+    lines = [table.to_string(index=False) if len(table) else "# identical formats"]
+    for label, plan in (("a", a), ("b", b)):
+        bits = plan.achieved.get("searched_effective_bits")
+        lines.append(f"# {label}: {len(plan.layers)} layers" + (f", {bits:.4f} effective bits" if bits is not None else ""))
+    lines.append(f"# {len(table)} layer(s) differ")
+    return "\n".join(lines)

@@ -169,7 +169,9 @@ def write_report(sweep_dir: Path, out: Path, overwrite: bool = False) -> Path:
         refined = load_plan(path)
         plans[f"autoq refine @ {refined.budget['effective_bits']:g} bits"] = refined.formats()
     metrics = metric_columns(results)
-    table = results[REPORT_COLUMNS + metrics + [c for c in UNSEEN_COLUMNS if c in results] + ["wall_seconds", "device"]]
+    failures = ["status", "error"] if "error" in results and results.error.notna().any() else []  # failed rows say why
+    unseen = [c for c in UNSEEN_COLUMNS if c in results]
+    table = results[REPORT_COLUMNS + metrics + unseen + ["wall_seconds", "device"] + failures]
     with atomic_output_dir(out, overwrite) as tmp:
         figures = []
         for metric in metrics:

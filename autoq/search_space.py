@@ -201,12 +201,16 @@ def all_layers(model: nn.Module) -> Iterator[LayerChoice]:
             yield LayerChoice(f"{name}.{attr}", class_name, out_f, in_f, tuple(FORMATS), experts=experts, parts=parts)
 
 
-def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str) -> list[LayerChoice]:
-    """Every linear layer (and fused-experts projection) the search space selects, with its candidate formats."""
+def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_head_tied: bool = False) -> list[LayerChoice]:
+    """Every linear layer (and fused-experts projection) the search space selects, with its candidate formats.
+
+    The LM head is selected only when the space asks for it and it is not tied to the embedding
+    (``autoq.model.lm_head_is_tied``: quantizing a tied head stores more bits, not fewer).
+    """
     choices = []
     for layer in all_layers(model):
         name, class_name = layer.name, layer.class_name
-        if name == lm_head_name and not space.search_lm_head:
+        if name == lm_head_name and (not space.search_lm_head or lm_head_tied):
             continue
         if not space.is_selected(name, class_name):
             continue

@@ -3,17 +3,18 @@
 Given per-group, per-format scores and storage bits, pick one format per group minimising the
 total score subject to ``sum(bits) <= budget * sum(params)`` over the searched layers. Groups
 are layers a runtime fuses (they must share a format): linears that read the same tensor, plus
-the search space's regex rules. Solved by HiGHS through ``scipy.optimize.milp`` with a zero
-optimality gap, so results are exact (tests compare against brute force).
+the search space's regex rules. Solved exactly by ``_MultipleChoiceKnapsack`` (dominance, LP bounds,
+dynamic programming over Pareto fronts), in float64 without solver tolerances: tests compare it
+against brute force, including scores that span ten orders of magnitude.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from autoq.errors import AutoqError
 from autoq.search_space import SearchSpace
@@ -111,44 +112,180 @@ def solve(options: Options, budget_bits: float) -> Solution:
     minimum = options.min_bits()
     if budget_bits < minimum - 1e-12:
         raise AutoqError(f"--bits {budget_bits:g} is infeasible: the cheapest assignment needs {minimum:.4f} bits")
-    sizes = [len(f) for f in options.formats]
-    n = sum(sizes)
-    scores = np.concatenate(options.scores)
-    bits = np.concatenate(options.bits)
-    # Scale both to O(1) so HiGHS tolerances mean the same thing for a 1 MB and a 1 TB model.
-    score_scale = max(scores.max(), 1e-300)
-    pick_one = np.zeros((len(sizes), n))
-    start = 0
-    for row, size in enumerate(sizes):
-        pick_one[row, start : start + size] = 1
-        start += size
-    capacity = budget_bits * options.params
-    margin = 0.0
-    for _ in range(20):  # tighten by the solver's feasibility tolerance if it overshoots
-        result = milp(
-            c=scores / score_scale,
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            constraints=[
-                LinearConstraint(pick_one, 1, 1),
-                LinearConstraint(bits[None, :] / options.params, -np.inf, (capacity - margin) / options.params),
-            ],
-            options={"mip_rel_gap": 0.0, "presolve": True},
-        )
-        if result.x is None:
-            raise AutoqError(f"the solver found no assignment for --bits {budget_bits:g} ({result.message})")
-        picked = np.round(result.x).astype(bool)
-        used = float(bits[picked].sum())
-        if used <= capacity:
-            break
-        margin += used - capacity + 1.0
-    else:
-        raise AutoqError(f"the solver could not meet --bits {budget_bits:g} exactly")
-    choice, start = {}, 0
-    for group, formats, size in zip(options.groups, options.formats, sizes):
-        choice[group] = formats[int(np.argmax(picked[start : start + size]))]
-        start += size
-    return Solution(budget_bits, used / options.params, float(scores[picked].sum()), choice)
+    capacity = max(budget_bits * options.params, sum(b.min() for b in options.bits))  # min_bits within rounding
+    picks = _MultipleChoiceKnapsack(options.scores, options.bits).solve(capacity)
+    choice = {group: formats[k] for group, formats, k in zip(options.groups, options.formats, picks)}
+    used = sum(float(b[k]) for b, k in zip(options.bits, picks))
+    score = math.fsum(float(s[k]) for s, k in zip(options.scores, picks))
+    return Solution(budget_bits, used / options.params, score, choice)
+
+
+# Pruning keeps only states that could beat the incumbent by more than this (relative): results are
+# optimal to ~1e-13 of the total score, float64 rounding of the sums being ~1e-16.
+_PRUNE_RELATIVE = 1e-13
+
+
+class _MultipleChoiceKnapsack:
+    """Exact minimum of ``sum(score)`` over one item per group with ``sum(bits) <= capacity``.
+
+    A generic MILP solver decides with absolute tolerances (HiGHS: 1e-6 gap, 1e-7 feasibility),
+    which cannot tell apart scores that span ten orders of magnitude, as layer sensitivities do.
+    This problem has a structure that allows an exact method in plain float64 arithmetic:
+
+    1. Per group, items that cost more bits for no lower score are dropped (they are never needed).
+    2. The LP relaxation is solved greedily on each group's lower convex hull (Dyer/Zemel); its
+       rounded-down solution, topped up greedily, is the incumbent. A Lagrangian reduction at the LP
+       multiplier drops every item whose bound (LP value + reduced cost) cannot beat the incumbent.
+    3. Dynamic programming over the groups keeps, per step, the Pareto front of (bits, score) partial
+       assignments (a partial state with no fewer bits and no lower score can never do better), and
+       drops states whose lower bound (score so far + LP of the remaining groups) cannot beat the
+       incumbent. What remains at the end contains the optimum, or the incumbent is optimal.
+
+    Every bound is a sum of non-negative terms computed in float64, so nothing is lost to
+    cancellation however small the optimum is next to the largest score.
+    """
+
+    def __init__(self, scores: list[np.ndarray], bits: list[np.ndarray]):
+        self.kept: list[np.ndarray] = []  # original item indices per group, bits ascending, score descending
+        self.bits: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        for group_scores, group_bits in zip(scores, bits):
+            group_scores, group_bits = np.asarray(group_scores, float), np.asarray(group_bits, float)
+            order = np.lexsort((group_scores, group_bits))
+            best_before = np.minimum.accumulate(np.concatenate([[np.inf], group_scores[order][:-1]]))
+            kept = order[group_scores[order] < best_before]
+            self.kept.append(kept)
+            self.bits.append(group_bits[kept])
+            self.scores.append(group_scores[kept])
+
+    def solve(self, capacity: float) -> list[int]:
+        """Index (into each group's original items) of the chosen item per group."""
+        groups = len(self.bits)
+        upgrades = _HullUpgrades(self.bits, self.scores)
+        everyone = np.ones(groups, dtype=bool)
+        residual = capacity - sum(b[0] for b in self.bits)
+        levels, critical = upgrades.relaxation(everyone, residual)
+        incumbent = self._top_up(levels, residual - sum(self.bits[g][k] - self.bits[g][0] for g, k in enumerate(levels)))
+        incumbent_score = math.fsum(self.scores[g][k] for g, k in enumerate(incumbent))
+        allowed = self._reduce(capacity, critical, incumbent, incumbent_score)
+        better = self._dynamic_program(allowed, capacity, incumbent_score)
+        picks = incumbent if better is None else better
+        return [int(self.kept[g][k]) for g, k in enumerate(picks)]
+
+    def _top_up(self, levels: list[int], spare: float) -> list[int]:
+        """The LP's rounded-down solution, improved by single-item swaps (biggest saving first) that fit."""
+        picks = list(levels)
+        swaps = sorted(
+            ((self.scores[g][picks[g]] - self.scores[g][k], g, k) for g in range(len(picks)) for k in range(picks[g] + 1, len(self.bits[g]))),
+            reverse=True,
+        )  # fmt: skip
+        for _, g, k in swaps:
+            extra = self.bits[g][k] - self.bits[g][picks[g]]
+            if k > picks[g] and extra <= spare:
+                spare -= extra
+                picks[g] = k
+        return picks
+
+    def _reduce(self, capacity: float, critical: float | None, incumbent: list[int], incumbent_score: float) -> list[np.ndarray]:
+        """Per group, the items whose Lagrangian bound at the LP multiplier can still beat the incumbent."""
+        allowed = [np.arange(len(b)) for b in self.bits]
+        if critical is None:  # the LP optimum is integral: the incumbent contains it
+            return [np.array([k]) for k in incumbent]
+        reduced = [s + critical * b for s, b in zip(self.scores, self.bits)]
+        lowest = [r.min() for r in reduced]
+        bound = math.fsum(lowest) - critical * capacity
+        # The Lagrangian bound mixes large terms; keep a wide rounding margin (dropping less is safe).
+        margin = 1e-9 * (math.fsum(np.abs(r).max() for r in reduced) + critical * capacity)
+        slack = incumbent_score - bound + margin
+        for g, r in enumerate(reduced):
+            allowed[g] = np.union1d(np.flatnonzero(r - lowest[g] <= slack), [incumbent[g]])
+        return allowed
+
+    def _dynamic_program(self, allowed: list[np.ndarray], capacity: float, incumbent_score: float) -> list[int] | None:
+        """The best assignment among ``allowed`` items if it beats the incumbent, else None."""
+        bits = [self.bits[g][a] for g, a in enumerate(allowed)]
+        scores = [self.scores[g][a] for g, a in enumerate(allowed)]
+        upgrades = _HullUpgrades(bits, scores)
+        cheapest_rest = np.concatenate([np.cumsum([b[0] for b in bits][::-1])[::-1], [0.0]])
+        threshold = incumbent_score - _PRUNE_RELATIVE * abs(incumbent_score)
+        remaining = np.ones(len(bits), dtype=bool)
+        state_bits, state_scores = np.zeros(1), np.zeros(1)
+        parents, items = [], []
+        for g in range(len(bits)):
+            remaining[g] = False
+            size = len(bits[g])
+            new_bits = (state_bits[:, None] + bits[g][None, :]).ravel()
+            new_scores = (state_scores[:, None] + scores[g][None, :]).ravel()
+            parent = np.repeat(np.arange(len(state_bits)), size)
+            item = np.tile(np.arange(size), len(state_bits))
+            spare = capacity - new_bits - cheapest_rest[g + 1]
+            keep = spare >= 0
+            keep[keep] = new_scores[keep] + upgrades.lower_bound(remaining, spare[keep]) < threshold
+            new_bits, new_scores, parent, item = new_bits[keep], new_scores[keep], parent[keep], item[keep]
+            order = np.lexsort((new_scores, new_bits))
+            new_bits, new_scores, parent, item = new_bits[order], new_scores[order], parent[order], item[order]
+            pareto = new_scores < np.minimum.accumulate(np.concatenate([[np.inf], new_scores[:-1]]))
+            state_bits, state_scores = new_bits[pareto], new_scores[pareto]
+            parents.append(parent[pareto])
+            items.append(item[pareto])
+            if not len(state_bits):
+                return None
+        picks, state = [0] * len(bits), int(np.argmin(state_scores))
+        for g in reversed(range(len(bits))):
+            picks[g] = int(allowed[g][items[g][state]])
+            state = parents[g][state]
+        return picks
+
+
+class _HullUpgrades:
+    """Every group's lower convex hull of (bits, score), as upgrades sorted by score saved per bit."""
+
+    def __init__(self, bits: list[np.ndarray], scores: list[np.ndarray]):
+        group, start, end = [], [], []
+        for g, (b, s) in enumerate(zip(bits, scores)):
+            hull = [0]
+            for k in range(1, len(b)):
+                while len(hull) >= 2 and (s[hull[-1]] - s[hull[-2]]) * (b[k] - b[hull[-1]]) >= (s[k] - s[hull[-1]]) * (b[hull[-1]] - b[hull[-2]]):
+                    hull.pop()
+                hull.append(k)
+            group += [g] * (len(hull) - 1)
+            start += hull[:-1]
+            end += hull[1:]
+        self.group = np.array(group, dtype=int)
+        self.start, self.end = np.array(start, dtype=int), np.array(end, dtype=int)
+        self.extra_bits = np.array([bits[g][e] - bits[g][a] for g, a, e in zip(group, start, end)], dtype=float)
+        self.saving = np.array([scores[g][a] - scores[g][e] for g, a, e in zip(group, start, end)], dtype=float)
+        order = np.argsort(-(self.saving / np.maximum(self.extra_bits, 1e-300)), kind="stable")
+        self.group, self.start, self.end = self.group[order], self.start[order], self.end[order]
+        self.extra_bits, self.saving = self.extra_bits[order], self.saving[order]
+        self.best_scores = np.array([s[-1] for s in scores])
+
+    def relaxation(self, active: np.ndarray, spare: float) -> tuple[list[int], float | None]:
+        """Greedy LP solution over ``active`` groups: the fully taken hull item per group, and the
+        critical upgrade's score saved per bit (None when every upgrade fits)."""
+        taken = active[self.group]
+        cumulative = np.cumsum(np.where(taken, self.extra_bits, 0.0))
+        over = np.flatnonzero(taken & (cumulative > spare))
+        critical = None
+        if len(over):
+            taken[over[0] :] = False
+            critical = self.saving[over[0]] / self.extra_bits[over[0]]
+        levels = np.zeros(len(active), dtype=int)
+        levels[self.group[taken]] = self.end[taken]  # hull order: the last upgrade taken wins
+        return levels.tolist(), critical
+
+    def lower_bound(self, active: np.ndarray, spare: np.ndarray) -> np.ndarray:
+        """LP value of the ``active`` groups for each spare capacity (bits above their cheapest items)."""
+        mask = active[self.group]
+        extra, saving = self.extra_bits[mask], self.saving[mask]
+        bits_after = np.concatenate([[0.0], np.cumsum(extra)])
+        # Score after the first p upgrades, summed from the all-taken end: non-negative terms only.
+        score_after = np.concatenate([np.cumsum(saving[::-1])[::-1], [0.0]]) + self.best_scores[active].sum()
+        full = np.clip(np.searchsorted(bits_after, spare, side="right") - 1, 0, len(extra))
+        partial = full < len(extra)
+        fraction = np.zeros_like(spare)
+        fraction[partial] = (spare[partial] - bits_after[full[partial]]) / extra[full[partial]]
+        return score_after[full] - fraction * np.append(saving, 0.0)[full]
 
 
 def frontier(options: Options, budgets: list[float]) -> pd.DataFrame:

@@ -8,12 +8,17 @@ weights, fake-quantized activations: what a runtime computes) against the BF16 m
 tokens and lm-eval tasks, next to its size and stored bits.
 
 A sweep directory is a resumable workspace: each finished row is ``rows/<row>.json`` (written
-atomically), and a rerun skips finished rows.
+atomically) with a fingerprint of everything its result depends on (model, dtype, device,
+calibration and held-out tokens, evaluation settings, the row's formats). A rerun skips the rows
+whose fingerprint still matches and evaluates the others again, saying so. Every row's plan is
+checked against the model before the first row runs; a row that fails while running is recorded
+as failed, with its error, and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tempfile
 import time
@@ -26,17 +31,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from autoq.apply import apply_plan, export_checkpoint
-from autoq.cache import _atomic_write
+from autoq.apply import apply_plan, check_plan_fits_model, export_checkpoint
 from autoq.checkpoint import load_fake_quant_model
-from autoq.errors import AutoqError
 from autoq.data import TokenData
+from autoq.errors import AutoqError, atomic_write
 from autoq.evaluate import PROXY_TASKS, EvalSpec, evaluate, heldout_tokens
 from autoq.formats import FORMATS
 from autoq.plan import LayerPlan, Plan, creation_info
 from autoq.search_space import LayerChoice
 
 UNIFORM_BASELINES = ("FP8", "W4A8", "NVFP4")
+MODELOPT = "ModelOpt auto_quantize"
 
 
 @dataclass
@@ -66,6 +71,12 @@ class Row:
     budget: float | None
     formats: dict[str, str]
     notes: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # known to fail before it runs (e.g. the search it comes from failed)
+
+    def fingerprint(self, config_key: dict[str, Any]) -> str:
+        """Changes whenever anything the row's result depends on changes."""
+        spec = {"config": config_key, "method": self.method, "budget": self.budget, "formats": self.formats}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def uniform_formats(choices: list[LayerChoice], fmt: str) -> dict[str, str]:
@@ -81,7 +92,9 @@ def searched_bits(formats: dict[str, str], choices: list[LayerChoice]) -> float:
     return sum(c.storage_bits(formats.get(c.name, "BF16")) for c in choices) / sum(c.params for c in choices)
 
 
-def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt_state: dict | None) -> list[Row]:
+def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt: dict | str | None) -> list[Row]:
+    """The sweep's rows; ``modelopt``: ModelOpt's search state, or why that search failed, or None
+    (no ModelOpt rows)."""
     rows = []
     if "bf16" in config.baselines:
         rows.append(Row("bf16", "BF16", None, {c.name: "BF16" for c in work.choices}))
@@ -92,12 +105,43 @@ def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt_state: dic
     for plan in plans:
         budget = plan.budget["effective_bits"]
         rows.append(Row(f"autoq-{budget:g}", "autoq", budget, plan.formats()))
-        if modelopt_state is not None:
-            from autoq.interop.modelopt import formats_at_honest_bits
-
-            formats, nominal = formats_at_honest_bits(modelopt_state, shapes, budget)
-            rows.append(Row(f"modelopt-{budget:g}", "ModelOpt auto_quantize", budget, formats, {"modelopt_nominal_bits": nominal}))
+        if isinstance(modelopt, str):
+            rows.append(Row(f"modelopt-{budget:g}", MODELOPT, budget, {}, error=modelopt))
+        elif modelopt is not None:
+            rows.append(modelopt_row(modelopt, shapes, budget))
     return rows
+
+
+def modelopt_row(state: dict, shapes: dict[str, tuple[int, int]], budget: float) -> Row:
+    """ModelOpt's own search re-solved at ``budget`` honest bits, over the formats each layer can store."""
+    from autoq.interop.modelopt import formats_at_honest_bits
+
+    formats, nominal, dropped = formats_at_honest_bits(state, shapes, budget)
+    notes: dict[str, Any] = {"modelopt_nominal_bits": nominal}
+    if dropped:
+        notes["modelopt_note"] = (
+            "re-solved over the formats each layer can store; ModelOpt also offered "
+            + "; ".join(f"{fmt} for {len(names)} layer(s) ({names[0]}{', ...' if len(names) > 1 else ''})" for fmt, names in dropped.items())
+        )  # fmt: skip
+    return Row(f"modelopt-{budget:g}", MODELOPT, budget, formats, notes)
+
+
+def check_rows_fit(model: nn.Module, rows: list[Row], sample_ids: torch.Tensor) -> None:
+    """Every row's plan against the model (layers, shapes, fused groups), before any row runs."""
+    problems = []
+    for row in rows:
+        if row.error is None:
+            try:
+                check_plan_fits_model(model, row.formats, sample_ids)
+            except AutoqError as err:
+                problems.append(f"{row.id}: {err}")
+    if problems:
+        raise AutoqError(f"{len(problems)} sweep row(s) cannot be applied to this model: {'; '.join(problems)}")
+
+
+def failed_record(row: Row, error: str, device: str, seconds: float = 0.0) -> dict[str, Any]:
+    return {"row": row.id, "method": row.method, "budget_bits": row.budget, "status": "failed", "error": error,
+            "wall_seconds": seconds, "device": device, **row.notes}  # fmt: skip
 
 
 def _dir_bytes(path: Path) -> int:
@@ -138,16 +182,20 @@ def evaluate_row(
         metrics = evaluate(model, reference, tokenizer, heldout, spec).metrics
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {
-        "row": row.id, "method": row.method, "budget_bits": row.budget,
+        "row": row.id, "method": row.method, "budget_bits": row.budget, "status": "ok",
         "formats": {fmt: int(n) for fmt, n in pd.Series(row.formats).value_counts().items()},
         "size_bytes": size_bytes, "stored_bits": stored_bits,
         **metrics, "wall_seconds": time.perf_counter() - start, "peak_cuda_gib": peak, "device": str(device), **row.notes,
     }  # fmt: skip
 
 
-def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: str, objective: str, progress: bool) -> pd.DataFrame:
+def run_sweep(
+    work, scores, config: SweepConfig, out: Path, dtype: str, device: str, objective: str, progress: bool,
+    stream_blocks: bool = False,
+) -> pd.DataFrame:  # fmt: skip
     """Run (or resume) a sweep into ``out``; returns the results table."""
-    from autoq.pipeline import ensure_model, make_plans
+    from autoq.pipeline import log, make_plans, model_for_apply
+    from autoq.refine import refined_rows
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows").mkdir(exist_ok=True)
@@ -155,45 +203,81 @@ def run_sweep(work, scores, config: SweepConfig, out: Path, dtype: str, device: 
     scores.table.to_parquet(out / "scores.parquet", index=False)
     plans, curve = make_plans(work, scores, config.budgets, objective)
     curve.to_csv(out / "frontier.csv", index=False)
-    reference = ensure_model(work, dtype, device)
+    reference = model_for_apply(work, dtype, device, stream_blocks)
     reference.requires_grad_(False)
+    device = str(next(reference.parameters()).device)
     calib_batches = work.calibration.batches(config.batch_size)
     spec = config.eval_spec()
     heldout = heldout_tokens(work.calibration, work.tokenizer, config.eval_samples)
+    sample_ids = calib_batches[0][:1, :64].to(device)
 
-    modelopt_state = None
+    rows = build_rows(work, plans, config, None)
+    check_rows_fit(reference, rows, sample_ids)  # before any long work: a sweep never dies late on this
     if "modelopt" in config.baselines:
-        modelopt_state = _modelopt_state(work, reference, calib_batches, config, out)
-    from autoq.refine import refined_rows
-
-    rows = build_rows(work, plans, config, modelopt_state) + refined_rows(out)  # `autoq refine` run on this sweep
+        rows = build_rows(work, plans, config, _modelopt_state(work, reference, calib_batches, out))
+        check_rows_fit(reference, [r for r in rows if r.method == MODELOPT], sample_ids)
+    rows += refined_rows(out)  # plans `autoq refine` wrote into this sweep directory
+    config_key = {
+        "model": work.model_info()["fingerprint"], "dtype": dtype, "device": device, "search_space": work.space.fingerprint,
+        "calibration": work.calibration.describe(), "heldout": heldout.describe(),
+        "evaluation": {k: v for k, v in asdict(config).items() if k not in ("budgets", "baselines", "keep_checkpoints")},
+    }  # fmt: skip
     info = {
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
-        "rows": [r.id for r in rows], "created": creation_info(),
+        "rows": [r.id for r in rows], "created": creation_info(), "config_key": config_key,
+        "config_fingerprint": hashlib.sha256(json.dumps(config_key, sort_keys=True, default=str).encode()).hexdigest()[:24],
         "scoring": {"seconds": scores.seconds, "from_cache": scores.from_cache, "peak_memory_gib": scores.peak_memory},
     }  # fmt: skip
-    _atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
+    fingerprints = {row.id: row.fingerprint(config_key) for row in rows}
+    _forget_other_configurations(out, fingerprints, config_key, log)
+    atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
     for plan in plans:
         plan.save(out / "plans" / f"autoq-{plan.budget['effective_bits']:g}.json")
     for row in tqdm(rows, desc="autoq sweep", disable=not progress):
         path = out / "rows" / f"{row.id}.json"
-        if path.is_file():
-            continue
-        if row.method != "autoq":
+        if path.is_file() and json.loads(path.read_text()).get("status") == "ok":
+            continue  # finished under this configuration (_forget_other_configurations removed the rest)
+        if row.method != "autoq" and row.error is None:
             Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}).save(out / "plans" / f"{row.id}.json")
         keep = out / "checkpoints" / row.id if config.keep_checkpoints else None
-        record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress)
-        record["searched_bits"] = searched_bits(row.formats, work.choices)
-        _atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=2, default=float)))
+        start = time.perf_counter()
+        try:
+            if row.error is not None:
+                raise AutoqError(row.error)
+            record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress)
+        except Exception as err:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
+            message = str(err) if isinstance(err, AutoqError) else f"{type(err).__name__}: {err}"
+            log(f"sweep row {row.id} failed: {message}")
+            record = failed_record(row, message, device, time.perf_counter() - start)
+        record["searched_bits"] = searched_bits(row.formats, work.choices) if row.formats else None
+        record["fingerprint"] = fingerprints[row.id]
+        atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=2, default=float)))
     table = collect_results(out)
-    info["complete"] = len(table) == len(rows)
-    _atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
+    info["complete"] = int((table.status == "ok").sum()) == len(rows)
+    atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
     return table
 
 
-def _modelopt_state(work, reference: nn.Module, calib_batches: list[torch.Tensor], config: SweepConfig, out: Path) -> dict | None:
-    """Run ModelOpt's search once (its state re-solves for every budget)."""
+def _forget_other_configurations(out: Path, fingerprints: dict[str, str], config_key: dict[str, Any], log) -> None:
+    """Delete finished rows that another configuration (or another set of rows) produced, saying so:
+    the results table describes one configuration only."""
+    previous = json.loads((out / "sweep.json").read_text()).get("config_key", {}) if (out / "sweep.json").is_file() else {}
+    changed = sorted(k for k in set(previous) | set(config_key) if previous.get(k) != config_key.get(k))
+    stale = []
+    for path in sorted((out / "rows").glob("*.json")):
+        if json.loads(path.read_text()).get("fingerprint") != fingerprints.get(path.stem):
+            stale.append(path)
+    if stale:
+        why = f"the configuration changed ({', '.join(changed)})" if previous and changed else "they were made with other settings or rows"
+        log(f"sweep {out}: {len(stale)} finished row(s) are not reused, because {why}; "
+            f"rows of this configuration are evaluated again: {', '.join(p.stem for p in stale)}")  # fmt: skip
+        for path in stale:
+            path.unlink()
+
+
+def _modelopt_state(work, reference: nn.Module, calib_batches: list[torch.Tensor], out: Path) -> dict | str | None:
+    """Run ModelOpt's search once (its state re-solves for every budget); why it failed, if it did."""
     from autoq.interop.modelopt import run_auto_quantize
 
     if "NVFP4" in work.space.formats and not torch.cuda.is_available():
@@ -202,9 +286,13 @@ def _modelopt_state(work, reference: nn.Module, calib_batches: list[torch.Tensor
     model = copy.deepcopy(reference)
     # Scores do not depend on the budget; 16 nominal bits is always feasible, and every row's
     # plan is then re-solved from this state at matched honest bits.
-    state, seconds = run_auto_quantize(model, [c.name for c in work.choices], list(work.space.formats), calib_batches, 16.0)
-    del model
-    _atomic_write(out / "modelopt_search.json", lambda p: p.write_text(json.dumps({"seconds": seconds})))
+    try:
+        state, seconds = run_auto_quantize(model, [c.name for c in work.choices], list(work.space.formats), calib_batches, 16.0)
+    except Exception as err:  # noqa: BLE001 - recorded as the ModelOpt rows' failure; the other rows still run
+        return f"ModelOpt auto_quantize failed: {type(err).__name__}: {err}"
+    finally:
+        del model
+    atomic_write(out / "modelopt_search.json", lambda p: p.write_text(json.dumps({"seconds": seconds})))
     return state
 
 
@@ -214,9 +302,9 @@ def collect_results(out: Path) -> pd.DataFrame:
     if not records:
         raise AutoqError(f"{out} has no finished sweep rows")
     table = pd.DataFrame(records)
-    table["formats"] = table["formats"].map(lambda f: ", ".join(f"{k}:{v}" for k, v in sorted(f.items())))
-    first = ["row", "method", "budget_bits", "searched_bits", "stored_bits", "size_bytes"]
-    table = table[first + [c for c in table.columns if c not in first]].sort_values(["method", "searched_bits"])
-    _atomic_write(Path(out) / "results.csv", lambda p: table.to_csv(p, index=False))
-    _atomic_write(Path(out) / "results.parquet", lambda p: table.to_parquet(p, index=False))
+    table["formats"] = table["formats"].map(lambda f: ", ".join(f"{k}:{v}" for k, v in sorted(f.items())) if isinstance(f, dict) else "")
+    first = ["row", "method", "budget_bits", "searched_bits", "stored_bits", "size_bytes", "status"]
+    table = table.reindex(columns=first + [c for c in table.columns if c not in first]).sort_values(["method", "searched_bits"])
+    atomic_write(Path(out) / "results.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(Path(out) / "results.parquet", lambda p: table.to_parquet(p, index=False))
     return table

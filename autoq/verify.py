@@ -18,66 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from autoq.checkpoint import read_quant_config
+from autoq.codec import TensorInfo, dequantize_weight, logical_shape, read_headers, read_layer_tensors, read_tensor
 from autoq.errors import AutoqError
-from autoq.formats import DTYPE_BITS, FORMATS, Format
+from autoq.formats import DTYPE_BITS, FORMATS
 
 _SCALES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    shard: str
-
-
-def read_headers(checkpoint: Path) -> dict[str, TensorInfo]:
-    """Name -> dtype/shape of every tensor in a (possibly sharded) safetensors checkpoint."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise AutoqError(f"checkpoint {checkpoint} is not a directory")
-    index = checkpoint / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = sorted(p.name for p in checkpoint.glob("*.safetensors"))
-    if not shards:
-        raise AutoqError(f"{checkpoint}: no safetensors files")
-    infos = {}
-    for shard in shards:
-        if not (checkpoint / shard).is_file():
-            raise AutoqError(f"{checkpoint}: shard {shard} named in the index is missing")
-        with safe_open(str(checkpoint / shard), framework="pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                infos[name] = TensorInfo(view.get_dtype(), tuple(view.get_shape()), shard)
-    return infos
-
-
-def read_quant_config(checkpoint: Path) -> dict:
-    """The ``quantization`` section of hf_quant_config.json (empty for an unquantized checkpoint)."""
-    path = Path(checkpoint) / "hf_quant_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("quantization", {})
-    except json.JSONDecodeError as err:
-        raise AutoqError(f"{path} is not valid JSON ({err.msg})") from None
-
-
-def read_tensor(checkpoint: Path, info: TensorInfo, name: str) -> torch.Tensor:
-    with safe_open(str(Path(checkpoint) / info.shard), framework="pt") as handle:
-        return handle.get_tensor(name)
-
-
-def logical_shape(fmt: Format, weight_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(out_features, in_features) of a layer from the shape of its stored (maybe packed) weight."""
-    rule = next(t for t in fmt.stored if t.suffix == "weight").shape
-    unit = rule(2, 2)  # how a 2x2 weight is stored reveals the packing
-    return weight_shape[0] * 2 // unit[0], weight_shape[1] * 2 // unit[1]
 
 
 @dataclass
@@ -209,8 +157,6 @@ def reference_errors(checkpoint: Path, formats: dict[str, str], reference: Path)
     AWQ layers store ``W / p`` (p per input channel); where ``p`` is not in the checkpoint (folded
     into the preceding norm) it is fitted per channel by least squares before comparing.
     """
-    from autoq.checkpoint import dequantize_weight, read_layer_tensors
-
     headers = read_headers(checkpoint)
     ref_headers = read_headers(reference)
     errors = {}

@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from autoq.devices import default_device
+
 warnings.filterwarnings("ignore")
 
 # Llama-3.2 / Qwen2.5-like shapes (tied embeddings), every in_features a multiple of 128.
@@ -51,7 +53,7 @@ def build(size: str, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of this script only
+DEVICE = default_device()  # CPU: a smoke test of this script only
 
 
 def synced() -> float:

@@ -81,7 +81,7 @@ def compiled_agreement(device: str) -> list[dict]:
 
 def checkpoint_agreement(device: str) -> list[dict]:
     from autoq.apply import apply_plan, export_checkpoint
-    from autoq.checkpoint import dequantize_weight, read_layer_tensors
+    from autoq.codec import dequantize_weight, read_layer_tensors
     from autoq.data import load_tokens
     from autoq.default_model import write_random_model
     from autoq.formats import FORMATS

@@ -7,12 +7,31 @@ from pathlib import Path
 
 import pytest
 
+from autoq.checkpoint import read_quant_config
 from autoq.cli import main
 from autoq.formats import FORMATS
+from autoq.model import TIED_HEAD_REASON
 from autoq.plan import load_plan
-from autoq.verify import logical_shape, read_headers, read_quant_config, verify_checkpoint
+from autoq.verify import verify_checkpoint
 
 FAST = ["--calib-samples", "8", "--seq-len", "64", "--no-progress"]
+
+
+def safetensors_header(directory: Path) -> dict[str, dict]:
+    """Every tensor's header entry (dtype, shape, data_offsets), read straight from the files."""
+    header = {}
+    for shard in directory.glob("*.safetensors"):
+        with shard.open("rb") as handle:
+            header |= json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    header.pop("__metadata__", None)
+    return header
+
+
+def stored_tensor_bits(checkpoint: Path) -> dict[str, int]:
+    """Bits of every tensor's data as the safetensors files lay them out (byte offsets, not dtypes)."""
+    bits = {name: 8 * (info["data_offsets"][1] - info["data_offsets"][0]) for name, info in safetensors_header(checkpoint).items()}
+    assert 8 * sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) - sum(bits.values()) < 8 * 2**16  # only headers left
+    return bits
 
 
 def _search(model: Path, out: Path, *extra: str) -> int:
@@ -35,20 +54,66 @@ def test_search_and_export_end_to_end(model_fixture: str, request: pytest.Fixtur
     assert {name: cfg["quant_algo"] for name, cfg in quant["quantized_layers"].items()} == {
         name: FORMATS[fmt].hf_quant_algo for name, fmt in quantized.items()
     }
-    # Bits as stored: exactly the registry's count, less AWQ pre-scales folded into a norm.
+    # Bits as stored: each plan layer's bits are its tensors' bytes in the files (its bias, unquantized,
+    # counts with the rest of the model), plus the AWQ pre-scale (16 bits per input channel) that the
+    # plan counts and the exporter folds into a norm.
     report = verify_checkpoint(checkpoint, plan.formats())
     assert report.problems == []
-    headers = read_headers(checkpoint)
+    tensor_bits = stored_tensor_bits(checkpoint)
+    reference_shapes = {name: info["shape"] for name, info in safetensors_header(model_dir).items()}
     for name, layer in plan.layers.items():
-        fmt = FORMATS[layer.format]
-        out_features, in_features = logical_shape(fmt, headers[f"{name}.weight"].shape)
-        folded = fmt.awq and f"{name}.pre_quant_scale" not in headers
-        assert report.layer_bits[name] == fmt.storage_bits(out_features, in_features) - (16 * in_features if folded else 0)
-        assert layer.bits == fmt.storage_bits(out_features, in_features)
+        in_features = reference_shapes[f"{name}.weight"][1]
+        stored = sum(bits for key, bits in tensor_bits.items() if key.rpartition(".")[0] == name and not key.endswith(".bias"))
+        folded = FORMATS[layer.format].awq and f"{name}.pre_quant_scale" not in tensor_bits
+        assert layer.bits == stored + (16 * in_features if folded else 0), name
+        assert report.layer_bits[name] == stored, name
     assert report.effective_bits <= plan.achieved["searched_effective_bits"] <= 4.8
     for required in ("config.json", "tokenizer.json", "model.safetensors", "autoq_plan.json"):
         assert (checkpoint / required).is_file()
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_plan_model_bits_equal_the_checkpoints_bytes(
+    model_fixture: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With lm_head searched: a tied head is skipped (saying why), an untied one quantized, and either
+    way the plan's whole-model bits are exactly the exported checkpoint's tensor bytes."""
+    model_dir = request.getfixturevalue(model_fixture)
+    space = _write(tmp_path / "head.yaml", "formats: [NVFP4, FP8, BF16]\nsearch_lm_head: true\n")
+    out, checkpoint = tmp_path / "run", tmp_path / "ckpt"
+    argv = ["search", "--model", str(model_dir), "--space", str(space), "--out", str(out), "--bits", "4.6", "--export", str(checkpoint)]
+    assert main([*argv, *FAST]) == 0
+    plan = load_plan(out / "plan.json")
+    tied = model_fixture.endswith("tied")
+    assert ("lm_head" in plan.layers) is not tied
+    assert (f"lm_head is not searched: {TIED_HEAD_REASON}" in capsys.readouterr().err) is tied
+    if not tied:
+        assert plan.layers["lm_head"].format == "NVFP4"
+    stored = sum(stored_tensor_bits(checkpoint).values())
+    assert stored / plan.achieved["total_params"] == plan.achieved["model_effective_bits"]
+    assert plan.achieved["model_effective_bits"] < 16 * 0.75  # and the plan saves what it claims
+
+
+def test_quantizing_a_tied_lm_head_is_refused(tiny_llama_tied: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan = _write(tmp_path / "plan.json", _plan({"lm_head": "FP8"}))
+    assert main(["apply", str(plan), "--model", str(tiny_llama_tied), "--export", str(tmp_path / "ckpt"), *FAST]) == 2
+    assert capsys.readouterr().err.strip() == f"autoq: error: plan quantizes lm_head, which cannot be: {TIED_HEAD_REASON}"
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_search_export_failure_leaves_neither_output(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--out and --export appear together or not at all: here the export fails its verification."""
+    import autoq.apply
+    from autoq.verify import VerifyReport
+
+    monkeypatch.setattr(autoq.apply, "verify_checkpoint", lambda *a, **k: VerifyReport(problems=["simulated damage"]))
+    out, checkpoint = tmp_path / "run", tmp_path / "ckpt"
+    assert _search(tiny_llama, out, "--bits", "4.8", "--export", str(checkpoint)) == 2
+    assert "autoq: error: exported checkpoint failed verification: simulated damage" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_rerun_with_other_bits_reuses_scores_without_model_work(

@@ -22,8 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autoq import cli
+from autoq import cli, distributed
 from autoq.distributed import RESUME_HINT, describe_failure
+from autoq.errors import AutoqError
 
 # 16 x 64 tokens in batches of 2 x 64, two batches per step: 4 steps; chunks of 2 steps, one per rank.
 SEARCH = ["--calib-samples", "16", "--seq-len", "64", "--batch-size", "2", "--tokens-per-step", "256", "--chunk-steps", "2",
@@ -163,8 +164,10 @@ def test_gpus_without_a_gpu_is_one_clear_error(tiny_llama: Path, tmp_path: Path,
     base = ["search", "--model", str(tiny_llama), "--bits", "6", "--out", str(tmp_path / "out")]
     assert cli.main([*base, "--gpus", "2"]) == 2
     assert capsys.readouterr().err == "autoq: error: --gpus 2: no CUDA GPU is visible (--device cpu runs 2 CPU processes, with gloo)\n"
-    assert cli.main([*base, "--gpus", "2", "--device", "cuda:1"]) == 2
-    assert "each uses its own GPU (cuda:LOCAL_RANK); pass --device cuda" in capsys.readouterr().err
+    assert cli.main([*base, "--gpus", "2", "--device", "cuda:1"]) == 2  # no CUDA here: that is the first error
+    assert capsys.readouterr().err == "autoq: error: --device cuda:1: CUDA is not available on this machine\n"
+    with pytest.raises(AutoqError, match=r"each uses its own GPU \(cuda:LOCAL_RANK\); pass --device cuda"):
+        distributed._check_devices(2, "cuda:1")
     assert not (tmp_path / "out").exists()
 
 

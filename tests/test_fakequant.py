@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import modelopt.torch.quantization as mtq
 import pytest
 import torch
 
 from autoq import fakequant
 from autoq.formats import FORMATS
-
-mtq = pytest.importorskip("modelopt.torch.quantization")
 
 
 def _modelopt_linear(fmt_name: str, seed: int = 0):
@@ -58,9 +57,9 @@ def _e2m1_reference(magnitude: torch.Tensor) -> torch.Tensor:
 
 def test_e2m1_rounding_matches_reference_including_ties() -> None:
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    assert fakequant._round_to_e2m1(ties).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    assert fakequant.round_to_e2m1(ties).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
     values = torch.cat([ties, torch.rand(10_000) * 7, torch.tensor([0.0, 6.0, 100.0])])
-    assert torch.equal(fakequant._round_to_e2m1(values).double(), _e2m1_reference(values.clamp(max=6.0)))
+    assert torch.equal(fakequant.round_to_e2m1(values).double(), _e2m1_reference(values.clamp(max=6.0)))
 
 
 def test_nvfp4_blocks_use_fp8_scales_and_e2m1_values() -> None:
@@ -75,7 +74,7 @@ def test_nvfp4_blocks_use_fp8_scales_and_e2m1_values() -> None:
     assert torch.allclose(fp8_codes, fp8_codes.to(torch.float8_e4m3fn).float(), rtol=1e-6)
     # ... and every value is an E2M1 grid point times its block scale.
     ratio = (q.reshape(8, 4, 16).abs() / scales)
-    assert torch.allclose(ratio, fakequant._round_to_e2m1(ratio), atol=1e-5)
+    assert torch.allclose(ratio, fakequant.round_to_e2m1(ratio), atol=1e-5)
     assert (q - x).abs().max() <= scales.max() * 1.0 + 1e-6  # error at most one grid step
     assert (q - x).abs().mean() > 0
 

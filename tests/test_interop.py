@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from autoq.apply import apply_plan, export_checkpoint
-from autoq.checkpoint import checkpoint_formats, dequantize_weight, load_fake_quant_model, read_layer_tensors
+from autoq.checkpoint import checkpoint_formats, load_fake_quant_model, read_quant_config
 from autoq.cli import main
+from autoq.codec import dequantize_weight, read_layer_tensors
 from autoq.data import load_tokens
 from autoq.errors import AutoqError
 from autoq.formats import FORMATS, Format
@@ -23,8 +25,8 @@ from autoq.interop.modelopt import config_from_json, plan_formats_from_checkpoin
 from autoq.interop.quark import to_quark
 from autoq.interop.vllm import vllm_problems
 from autoq.model import ModelSource, load_model, load_tokenizer
-from autoq.plan import LayerPlan, Plan
-from autoq.verify import read_quant_config, verify_checkpoint
+from autoq.plan import LayerPlan, Plan, diff_plans
+from autoq.verify import verify_checkpoint
 
 ATTN = ("q_proj", "k_proj", "v_proj")
 MIXED = (
@@ -168,8 +170,9 @@ def test_converters_are_accepted_by_their_own_libraries() -> None:
     assert names == quantized and parsed.algorithm == "max"  # mixed AWQ / non-AWQ: one algorithm
 
     recipe_yaml = to_llmcompressor(formats)
-    llmcompressor = pytest.importorskip("llmcompressor.recipe")
-    recipe = llmcompressor.Recipe.create_instance(recipe_yaml)
+    from llmcompressor.recipe import Recipe
+
+    recipe = Recipe.create_instance(recipe_yaml)
     kinds = [type(m).__name__ for m in recipe.modifiers]
     assert kinds == ["AWQModifier", "QuantizationModifier"]
     groups = recipe.modifiers[1].config_groups
@@ -177,13 +180,28 @@ def test_converters_are_accepted_by_their_own_libraries() -> None:
     assert groups["nvfp4"].weights.group_size == 16 and groups["w4a8"].input_activations.type == "float"
 
     quark_doc = to_quark(formats)
-    quark_config = pytest.importorskip("quark.torch.quantization.config.config")
-    quark_template = pytest.importorskip("quark.torch.quantization.config.template")
+    from quark.torch.quantization.config import config as quark_config
+    from quark.torch.quantization.config import template as quark_template
+
     parsed_quark = quark_config.QConfig.from_dict(json.loads(json.dumps(quark_doc)))
     assert set(parsed_quark.layer_quant_config) == quantized and "model.layers.1.self_attn.o_proj" in parsed_quark.exclude
     assert quark_doc["layer_quant_config"]["model.layers.0.self_attn.o_proj"] == quark_template.FP8Scheme().config.to_dict()
     nvfp4 = quark_template.FP4Block16ScaleE4M3Scheme().config.to_dict()
     assert quark_doc["layer_quant_config"]["model.layers.0.self_attn.q_proj"] == nvfp4
+
+
+@pytest.mark.parametrize("head", [None, "BF16", "NVFP4"])
+def test_converters_never_list_a_layer_as_both_ignored_and_quantized(head: str | None) -> None:
+    """An unplanned or BF16 lm_head is left alone; a planned quantized one is quantized, not also ignored."""
+    formats = MIXED | ({} if head is None else {"lm_head": head})
+    quantized = {n for n, f in formats.items() if f != "BF16"}
+    recipe = yaml.safe_load(to_llmcompressor(formats))["default_stage"]["default_modifiers"]["QuantizationModifier"]
+    targets = {t for group in recipe["config_groups"].values() for t in group["targets"]}
+    quark = to_quark(formats)
+    for ignored, listed in ((set(recipe["ignore"]), targets), (set(quark["exclude"]), set(quark["layer_quant_config"]))):
+        assert listed == quantized
+        assert ("lm_head" in ignored) is (head != "NVFP4")
+        assert ignored == {n for n, f in formats.items() if f == "BF16"} | ({"lm_head"} if head is None else set())
 
 
 def test_converters_name_the_layers_they_cannot_express(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,15 +217,21 @@ def test_plan_show_and_diff(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     a = Plan(layers={"x": LayerPlan("FP8", params=100, bits=804), "y": LayerPlan("W4A8", params=256, bits=1100)})
     b = copy.deepcopy(a)
     b.layers["y"] = LayerPlan("BF16", params=256, bits=4096)
+    b.layers["z"] = LayerPlan("NVFP4", params=64, bits=352)
     a.save(tmp_path / "a.json")
     b.save(tmp_path / "b.json")
     assert main(["plan", "show", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
-    assert "356 params, 1904 bits: 5.3483 effective bits" in out
+    assert "356 params, 1904 bits: 5.3483 effective bits" in out and "# FP8: 1, W4A8: 1" in out
+    table = diff_plans(a, b)
+    assert table[["layer", "a", "b"]].values.tolist() == [["y", "W4A8", "BF16"], ["z", "-", "NVFP4"]]
+    assert table.bits_a.fillna(-1).tolist() == [1100, -1] and table.bits_b.tolist() == [4096, 352]
     assert main(["plan", "diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
-    out = capsys.readouterr().out
-    assert "y    W4A8 BF16" in " ".join(out.split("\n")[1].split()) or "1 layer(s) differ" in out
-    assert "1 layer(s) differ" in out
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == ["layer", "a", "b", "bits_a", "bits_b"]
+    assert lines[1][:3] == ["y", "W4A8", "BF16"] and lines[2][:3] == ["z", "-", "NVFP4"]
+    assert lines[-1] == ["#", "2", "layer(s)", "differ"]
+    assert diff_plans(a, a).empty
 
 
 def test_verify_checks_kv_cache_flag_and_lm_head(exported, tmp_path: Path) -> None:

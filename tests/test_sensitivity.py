@@ -92,7 +92,8 @@ def test_engine_computes_the_definition(tiny_llama: Path) -> None:
 
 def test_fp8_scores_equal_modelopt_auto_quantize(tiny_llama: Path) -> None:
     """Same loss, same max calibration, same FP8 numerics: ModelOpt's gradient scores, to float precision."""
-    mtq = pytest.importorskip("modelopt.torch.quantization")
+    import modelopt.torch.quantization as mtq
+
     model, choices, batches = _setup(tiny_llama, "FP8, BF16")
     ours = _scores(model, choices, batches, export_fused_scales=False).xs("FP8", level="format")
     reference_model = load_model(ModelSource(tiny_llama, "tiny"))

@@ -3,7 +3,8 @@
 Each group's ``weights`` / ``input_activations`` are compressed-tensors ``QuantizationArgs``
 matching the registry format (and the compressed-tensors presets FP8 / NVFP4 / W4A16); targets
 are exact module names. Plans with AWQ formats get an ``AWQModifier`` first (llm-compressor
-infers its smoothing mappings from the architecture). Layers planned BF16 are ignored.
+infers its smoothing mappings from the architecture). Layers planned BF16 are ignored, and so is
+``lm_head`` when the plan does not name it (the tools' own default); a planned head is quantized.
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ def to_llmcompressor(formats: dict[str, str]) -> str:
     if any(f in AWQ_FORMATS for f in formats.values()):
         modifiers["AWQModifier"] = {"duo_scaling": True}
     modifiers["QuantizationModifier"] = {
-        "ignore": ["lm_head", *sorted(n for n, f in formats.items() if f == "BF16")],
+        "ignore": unquantized_layers(formats),
         "config_groups": groups,
     }
     return yaml.safe_dump({"default_stage": {"default_modifiers": modifiers}}, sort_keys=False)
+
+
+def unquantized_layers(formats: dict[str, str]) -> list[str]:
+    """Layers a converted config must leave alone: those planned BF16, plus an unplanned ``lm_head``."""
+    return sorted({n for n, f in formats.items() if f == "BF16"} | ({"lm_head"} - set(formats)))
 
 
 def _listing(layers: dict[str, str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from autoq.apply import modelopt_quietly
 from autoq.errors import AutoqError
 from autoq.formats import FORMATS, average_bits
+from autoq.plan import LayerPlan, Plan, creation_info
 
 _PRESET_TO_FORMAT = {f.modelopt_preset: f.name for f in FORMATS.values() if f.modelopt_preset} | {"NONE": "BF16"}
 
@@ -46,11 +48,32 @@ def formats_from_auto_quantize(state: dict[str, Any], nominal_bits: float | None
     return formats
 
 
+def storable_candidates(state: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """ModelOpt's search state with every recipe removed from a group that some layer of the group
+    cannot store (ModelOpt offers W4A8 to layers whose input size is not a multiple of 128, which no
+    checkpoint can hold); and what was removed: format -> layers."""
+    stats, dropped = {}, {}
+    for hparam, candidates in state["candidate_stats"].items():
+        keep = []
+        for index, recipe in enumerate(candidates["formats"]):
+            fmt = FORMATS[format_of_recipe(recipe)]
+            unfit = [m for m in candidates["module_names"] if m in shapes and not fmt.supports(*shapes[m])]
+            if unfit:
+                dropped.setdefault(fmt.name, []).extend(unfit)
+            else:
+                keep.append(index)
+        stats[hparam] = {**candidates, **{k: [candidates[k][i] for i in keep] for k in ("formats", "scores", "costs")}}
+        stats[hparam].setdefault("uncompressed_cost", max(candidates["costs"]))  # ModelOpt's budget denominator, unchanged
+    return {**state, "candidate_stats": stats}, dropped
+
+
 def formats_at_honest_bits(
     state: dict[str, Any], shapes: dict[str, tuple[int, int]], target_bits: float, steps: int = 30
-) -> tuple[dict[str, str], float]:
-    """ModelOpt's plan (over the layers in ``shapes``) with the most honest bits <= ``target_bits``,
-    and the nominal budget that gives it."""
+) -> tuple[dict[str, str], float, dict[str, list[str]]]:
+    """ModelOpt's plan (over the layers in ``shapes``, each in a format it can store) with the most
+    honest bits <= ``target_bits``, the nominal budget that gives it, and the recipes ModelOpt
+    offered that some layers cannot store (format -> layers; see ``storable_candidates``)."""
+    state, dropped = storable_candidates(state, shapes)
     low, high = 0.0, 16.0
     best: tuple[dict[str, str], float] | None = None
     for _ in range(steps):
@@ -66,7 +89,7 @@ def formats_at_honest_bits(
             high = middle
     if best is None:
         raise AutoqError(f"ModelOpt's search has no plan at or below {target_bits:g} honest bits")
-    return best
+    return best[0], best[1], dropped
 
 
 def run_auto_quantize(
@@ -135,23 +158,24 @@ def config_from_json(text: str) -> dict[str, Any]:
     return ints(json.loads(text))
 
 
-def plan_formats_from_checkpoint(checkpoint) -> dict[str, str]:
+def plan_formats_from_checkpoint(checkpoint: Path) -> dict[str, str]:
     """Layer -> format of a unified ModelOpt checkpoint, every linear layer included (BF16 if unquantized).
 
     Reads hf_quant_config.json (or config.json's quantization_config): MIXED_PRECISION
     ``quantized_layers``, or a uniform ``quant_algo`` with ``exclude_modules``. The linear layers
     themselves come from a weightless copy of the model built from config.json.
     """
-    from pathlib import Path
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from autoq.checkpoint import checkpoint_formats
+    from autoq.checkpoint import checkpoint_formats, unquantized_config
 
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise AutoqError(f"checkpoint {checkpoint} is not a directory")
+    if not (checkpoint / "config.json").is_file():
+        raise AutoqError(f"checkpoint {checkpoint} has no config.json")
     quantized = checkpoint_formats(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint)
-    config.quantization_config = None
+    config = unquantized_config(checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     linears = [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
@@ -159,3 +183,19 @@ def plan_formats_from_checkpoint(checkpoint) -> dict[str, str]:
     if unknown:
         raise AutoqError(f"{checkpoint}: quantized layers not in the model: {', '.join(sorted(unknown)[:3])}")
     return {name: quantized.get(name, "BF16") for name in linears}
+
+
+def plan_from_checkpoint(checkpoint: Path) -> Plan:
+    """``autoq plan import``: the plan a ModelOpt checkpoint realises, with each layer's stored size."""
+    from autoq.codec import logical_shape, read_headers
+
+    formats = plan_formats_from_checkpoint(checkpoint)
+    headers = read_headers(checkpoint)
+    layers = {}
+    for name, fmt in formats.items():
+        shape = headers.get(f"{name}.weight")
+        if shape is None:  # e.g. a tied lm_head stored only as the embedding
+            continue
+        out_f, in_f = logical_shape(FORMATS[fmt], shape.shape)
+        layers[name] = LayerPlan(format=fmt, params=out_f * in_f, bits=FORMATS[fmt].storage_bits(out_f, in_f))
+    return Plan(layers=layers, model={"id": str(checkpoint)}, created={**creation_info(), "imported_from": str(checkpoint)})

@@ -1,7 +1,7 @@
 """Plan -> AMD Quark layer-wise quantization config (JSON, the ``QConfig.to_dict()`` layout).
 
-Per-layer entries go to ``layer_quant_config`` (exact module names); BF16 layers and lm_head to
-``exclude``. Specs follow Quark's own templates: FP8 = ``FP8Scheme``, NVFP4 =
+Per-layer entries go to ``layer_quant_config`` (exact module names); BF16 layers, and lm_head unless
+the plan quantizes it, to ``exclude``. Specs follow Quark's own templates: FP8 = ``FP8Scheme``, NVFP4 =
 ``FP4Block16ScaleE4M3Scheme`` (FP4 per group of 16 with an FP8-E4M3-quantized scale), INT4_AWQ =
 ``Int4WeightOnlyScheme(group_size=128)``; W4A8 is INT4 per group of 128 with static per-tensor
 FP8 activations (Quark's ``int4_fp8`` template is per-channel with dynamic activations, a
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from autoq.errors import AutoqError
-from autoq.interop.llmcompressor import _listing
+from autoq.interop.llmcompressor import _listing, unquantized_layers
 
 QUARK_VERSION = "0.13"
 
@@ -60,7 +60,7 @@ def to_quark(formats: dict[str, str]) -> dict[str, Any]:
         raise AutoqError(f"Quark configs cannot express {_listing(unsupported)}")
     return {
         "global_quant_config": _layer(None, None),
-        "exclude": ["lm_head", *sorted(n for n, f in formats.items() if f == "BF16")],
+        "exclude": unquantized_layers(formats),
         "algo_config": None,
         "softmax_quant_spec": None,
         "quant_method": "quark",

@@ -1,0 +1,201 @@
+"""Checkpoint tensors: reading safetensors files, and each weight format's stored form.
+
+One codec per weight kind, in the style of ModelOpt's ``qtensor`` package: ``encode`` turns a
+(smoothed) float weight into the tensors ModelOpt's unified HF export stores for it, ``decode``
+turns those back into the float weight a runtime computes with (codes times stored scales).
+
+* FP8: ``weight`` (E4M3) times the per-tensor ``weight_scale``.
+* NVFP4: two E2M1 codes per byte (low nibble first, bit 3 = sign) times the FP8-E4M3 block scale
+  (one per 16 values) times the FP32 ``weight_scale_2``.
+* INT4 (W4A8, INT4_AWQ): two signed codes per byte packed along the output dimension (row 2r in
+  the low nibble, 2r+1 in the high one) times the per-group-of-128 FP32 ``weight_scale``. W4A8
+  then re-expresses the values on the per-tensor FP8 grid whose scale is ``weight_scale_2``.
+
+``encode`` computes exactly the codes of ``Format.quantize_weight`` and stores as scales the very
+multipliers it applies, so FP8 and NVFP4 decode to its result bit for bit, and so does W4A8 (whose
+FP8 stage absorbs the INT4 rounding below). INT4 fake quantization divides each code by a float32
+scale (as ModelOpt's does) while a checkpoint can only hold a multiplier, and no float32 multiplier
+reproduces every code's quotient (for 64% of random groups some code lands one float32 ulp away):
+INT4_AWQ decodes to the same codes, within one float32 ulp, which bfloat16 weights round away.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from autoq import fakequant
+from autoq.errors import AutoqError
+from autoq.formats import Format
+
+# ---------------------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    shard: str  # file name inside the checkpoint directory
+
+
+def shard_names(checkpoint: Path) -> list[str]:
+    """The safetensors files of a checkpoint: those its index names, else every ``*.safetensors``."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise AutoqError(f"checkpoint {checkpoint} is not a directory")
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise AutoqError(f"{index} is not a safetensors index (no weight_map)") from None
+    else:
+        shards = sorted(p.name for p in checkpoint.glob("*.safetensors"))
+    if not shards:
+        raise AutoqError(f"{checkpoint}: no safetensors files")
+    missing = [s for s in shards if not (checkpoint / s).is_file()]
+    if missing:
+        raise AutoqError(f"{checkpoint}: shard {missing[0]} named in the index is missing")
+    return shards
+
+
+def read_headers(checkpoint: Path) -> dict[str, TensorInfo]:
+    """Name -> dtype/shape/shard of every tensor in a (possibly sharded) checkpoint; reads no data."""
+    infos = {}
+    for shard in shard_names(checkpoint):
+        with safe_open(str(Path(checkpoint) / shard), framework="pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                infos[name] = TensorInfo(view.get_dtype(), tuple(view.get_shape()), shard)
+    return infos
+
+
+def read_tensor(checkpoint: Path, info: TensorInfo, name: str) -> torch.Tensor:
+    with safe_open(str(Path(checkpoint) / info.shard), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def read_layer_tensors(checkpoint: Path, name: str, headers: Mapping[str, TensorInfo] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors ``<name>.<suffix>`` of one layer, keyed by suffix, from whichever shard holds them."""
+    headers = headers or read_headers(checkpoint)
+    return {
+        key.rpartition(".")[2]: read_tensor(checkpoint, info, key) for key, info in headers.items() if key.rpartition(".")[0] == name
+    }
+
+
+def logical_shape(fmt: Format, weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(out_features, in_features) of a layer from the shape of its stored (maybe packed) weight."""
+    rule = next(t for t in fmt.stored if t.suffix == "weight").shape
+    unit = rule(2, 2)  # how a 2x2 weight is stored reveals the packing
+    return weight_shape[0] * 2 // unit[0], weight_shape[1] * 2 // unit[1]
+
+
+# --------------------------------------------------------------------------------------- codecs
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _tensor_amax(weight: torch.Tensor, tensor_amax: torch.Tensor | None) -> torch.Tensor:
+    return (weight.abs().amax() if tensor_amax is None else tensor_amax).float()
+
+
+class WeightCodec(ABC):
+    """The stored form of one weight format in a unified HF checkpoint."""
+
+    @abstractmethod
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Stored tensors (by suffix: ``weight``, ``weight_scale``, ...) of ``weight``.
+
+        ``weight`` is the weight as quantized: for AWQ formats already smoothed (``Format.smooth``).
+        ``tensor_amax`` overrides the per-tensor amax, as for layers a runtime fuses.
+        """
+
+    @abstractmethod
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight a runtime computes from the stored tensors, in ``dtype`` (the model's)."""
+
+
+class FP8Codec(WeightCodec):
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        scale, codes = fakequant.fp8_e4m3_codes(weight, _tensor_amax(weight, tensor_amax))
+        return {"weight": codes, "weight_scale": 1.0 / scale}  # the multiplier fake quantization applies
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (stored["weight"].float() * stored["weight_scale"].float()).to(dtype)
+
+
+class NVFP4Codec(WeightCodec):
+    def __init__(self, block: int = 16):
+        self.block = block
+
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out_features, in_features = weight.shape
+        amax = _tensor_amax(weight, tensor_amax)
+        block_scale, global_scale = fakequant.nvfp4_stored_scales(weight, amax, self.block)
+        scales = fakequant.nvfp4_block_scales(weight, amax, self.block)
+        blocks = weight.float().reshape(out_features, in_features // self.block, self.block)
+        magnitude = fakequant.round_to_e2m1(blocks.abs() / scales).reshape(out_features, in_features)
+        codes = torch.searchsorted(E2M1_VALUES[:8].to(weight.device), magnitude).to(torch.uint8)
+        codes |= (weight.float() < 0).to(torch.uint8) << 3
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": global_scale}
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        packed = stored["weight"]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+        values = E2M1_VALUES.to(packed.device)[codes.long()]
+        # Same association as fake quantization: value * (block scale * global scale).
+        scales = stored["weight_scale"].float() * stored["weight_scale_2"].float()
+        return (values * scales.repeat_interleave(self.block, dim=1)).to(dtype)
+
+
+class INT4Codec(WeightCodec):
+    """INT4 per group of ``block`` input channels; ``fp8_stage``: W4A8's per-tensor FP8 re-expression."""
+
+    def __init__(self, block: int = 128, fp8_stage: bool = False):
+        self.block, self.fp8_stage = block, fp8_stage
+
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        scale, codes = fakequant.int_block_codes(weight, fakequant.int_block_amax(weight, self.block), 4, self.block)
+        codes = (codes.reshape(weight.shape).to(torch.int16) & 0x0F).to(torch.uint8)
+        stored = {
+            "weight": codes[0::2] | (codes[1::2] << 4),
+            "weight_scale": (1.0 / scale.double()).float().squeeze(-1),  # nearest float32 to the quotient's divisor
+        }
+        if self.fp8_stage:
+            fp8_scale, _ = fakequant.fp8_e4m3_codes(weight, _tensor_amax(weight, tensor_amax))
+            stored["weight_scale_2"] = 1.0 / fp8_scale
+        return stored
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        packed = stored["weight"]
+        low, high = (packed & 0x0F).to(torch.int8), (packed >> 4).to(torch.int8)
+        codes = torch.stack([low, high], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+        codes = torch.where(codes > 7, codes - 16, codes)
+        values = (codes.float() * stored["weight_scale"].float().repeat_interleave(self.block, dim=1)).to(dtype)
+        if self.fp8_stage:  # re-expressed on the FP8 grid whose multiplier is weight_scale_2, as the FP8 GEMM sees it
+            multiplier = stored["weight_scale_2"].float()
+            codes8 = (values.float() * (1.0 / multiplier)).clamp(-fakequant.FP8_E4M3_MAX, fakequant.FP8_E4M3_MAX)
+            values = (codes8.to(torch.float8_e4m3fn).float() * multiplier).to(dtype)
+        return values
+
+
+def codec_for(fmt: Format) -> WeightCodec:
+    if fmt.weight == "fp8":
+        return FP8Codec()
+    if fmt.weight == "nvfp4":
+        return NVFP4Codec(fmt.weight_block)
+    if fmt.weight == "int4":
+        return INT4Codec(fmt.weight_block, fp8_stage=fmt.activation == "fp8")
+    raise AutoqError(f"format {fmt.name} stores no quantized weight")
+
+
+def dequantize_weight(fmt: Format, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight of one layer from its stored tensors, in ``dtype`` (BF16 layers: the weight itself)."""
+    return codec_for(fmt).decode(stored, dtype) if fmt.quantized else stored["weight"].to(dtype)
