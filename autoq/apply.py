@@ -89,6 +89,38 @@ def _torch_nvfp4(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
     return fakequant.nvfp4(inputs, quantizer.amax.float(), quantizer.block_sizes[-1])
 
 
+def _register_torch_nvfp4() -> None:
+    from modelopt.torch.quantization.nn import is_registered_quant_backend, register_quant_backend
+
+    if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
+        register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
+
+
+def _is_nvfp4(cfg: dict) -> bool:
+    blocks = cfg.get("block_sizes") or {}
+    return tuple(cfg.get("num_bits") or ()) == (2, 1) and blocks.get("type") == "dynamic"
+
+
+def torch_nvfp4_preset(preset: str) -> dict:
+    """ModelOpt preset ``preset`` with every NVFP4 quantizer on autoq's CPU implementation.
+
+    For ModelOpt passes that quantize as they go (``auto_quantize`` scoring), where
+    ``use_torch_nvfp4_off_cuda`` would come too late. ModelOpt names such a config ``CUSTOM_<i>``
+    (``i``: its position in ``quantization_formats``).
+    """
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    _register_torch_nvfp4()
+    config = copy.deepcopy(getattr(mtq, preset))
+    for entry in config["quant_cfg"]:
+        cfg = entry.get("cfg")
+        if isinstance(cfg, dict) and _is_nvfp4(cfg):
+            entry["cfg"] = {**cfg, "backend": TORCH_NVFP4_BACKEND}
+    return config
+
+
 def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
     """Route NVFP4 fake quantization of a non-CUDA model through ``autoq.fakequant``.
 
@@ -96,10 +128,9 @@ def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
     functional backend, so the same calibrated quantizers run on CPU with our bit-matched
     implementation. Returns how many quantizers were switched.
     """
-    from modelopt.torch.quantization.nn import TensorQuantizer, is_registered_quant_backend, register_quant_backend
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
-    if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
-        register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
+    _register_torch_nvfp4()
     switched = 0
     for module in model.modules():
         blocks = getattr(module, "block_sizes", None) if isinstance(module, TensorQuantizer) else None

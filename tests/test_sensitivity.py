@@ -113,6 +113,29 @@ def test_fp8_scores_equal_modelopt_auto_quantize(tiny_llama: Path) -> None:
     assert compared == len(ours)
 
 
+def test_nvfp4_scores_equal_modelopt_auto_quantize_on_the_cpu(tiny_llama: Path) -> None:
+    """ModelOpt's NVFP4 kernels are CUDA-only; ``run_auto_quantize`` runs its NVFP4 quantizers on autoq's
+    bit-matched implementation off CUDA, so ModelOpt's own search works on the CPU, and its NVFP4
+    scores equal autoq's (same loss, same max calibration, same numerics)."""
+    from autoq.formats import average_bits
+    from autoq.interop.modelopt import CUSTOM_FORMATS, formats_at_honest_bits, run_auto_quantize
+
+    model, choices, batches = _setup(tiny_llama, "NVFP4, FP8, BF16")
+    ours = _scores(model, choices, batches, export_fused_scales=False).xs("NVFP4", level="format")
+    state, _ = run_auto_quantize(load_model(ModelSource(tiny_llama, "tiny")), [c.name for c in choices], ["NVFP4", "FP8"], batches, 16.0)
+    assert state[CUSTOM_FORMATS] == {"CUSTOM_0": "NVFP4"}
+    compared = 0
+    for stats in state["candidate_stats"].values():
+        is_nvfp4 = [str(f).startswith("CUSTOM_0") for f in stats["formats"]]
+        if any(is_nvfp4):  # NVFP4 is ModelOpt's cheapest candidate here, so its score is not clamped
+            assert sum(ours[n] for n in stats["module_names"]) == pytest.approx(stats["scores"][is_nvfp4.index(True)], rel=1e-5)
+            compared += len(stats["module_names"])
+    assert compared == len(ours)
+    shapes = {c.name: (c.out_features, c.in_features) for c in choices}
+    formats, _, dropped = formats_at_honest_bits(state, shapes, 6.0)  # ModelOpt's own plan, at honest bits
+    assert "NVFP4" in formats.values() and average_bits(formats, shapes) <= 6.0 and not dropped
+
+
 def test_more_quantization_error_scores_higher(tiny_llama: Path) -> None:
     """Scale some down_proj columns up and the matching up_proj rows down: the network computes the
     same function (same gradients), but down_proj's weights now have outliers that widen its

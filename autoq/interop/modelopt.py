@@ -23,11 +23,15 @@ from autoq.formats import FORMATS, average_bits
 from autoq.plan import LayerPlan, Plan, creation_info
 
 _PRESET_TO_FORMAT = {f.modelopt_preset: f.name for f in FORMATS.values() if f.modelopt_preset} | {"NONE": "BF16"}
+CUSTOM_FORMATS = "autoq_custom_formats"  # search-state key: ModelOpt's CUSTOM_<i> recipe names -> autoq formats
 
 
-def format_of_recipe(recipe: Any) -> str:
-    """Registry format name of a ModelOpt ``QuantRecipe`` (by its preset name)."""
+def format_of_recipe(recipe: Any, custom: dict[str, str] | None = None) -> str:
+    """Registry format name of a ModelOpt ``QuantRecipe`` (by its preset name, or by ``custom``: the
+    ``CUSTOM_<i>`` names ``run_auto_quantize`` gave the formats it passed as configs)."""
     name = str(recipe).split("(", 1)[0]
+    if custom and name in custom:
+        return custom[name]
     if name not in _PRESET_TO_FORMAT:
         raise AutoqError(f"ModelOpt recipe {name} has no autoq format (known: {', '.join(_PRESET_TO_FORMAT)})")
     return _PRESET_TO_FORMAT[name]
@@ -44,7 +48,7 @@ def formats_from_auto_quantize(state: dict[str, Any], nominal_bits: float | None
     for hparam, recipe in recipes.items():
         stats = state["candidate_stats"][hparam]
         for module in stats["module_names"]:
-            formats[module] = format_of_recipe(recipe)
+            formats[module] = format_of_recipe(recipe, state.get(CUSTOM_FORMATS))
     return formats
 
 
@@ -56,7 +60,7 @@ def storable_candidates(state: dict[str, Any], shapes: dict[str, tuple[int, int]
     for hparam, candidates in state["candidate_stats"].items():
         keep = []
         for index, recipe in enumerate(candidates["formats"]):
-            fmt = FORMATS[format_of_recipe(recipe)]
+            fmt = FORMATS[format_of_recipe(recipe, state.get(CUSTOM_FORMATS))]
             unfit = [m for m in candidates["module_names"] if m in shapes and not fmt.supports(*shapes[m])]
             if unfit:
                 dropped.setdefault(fmt.name, []).extend(unfit)
@@ -102,10 +106,21 @@ def run_auto_quantize(
     """
     import modelopt.torch.quantization as mtq
 
-    presets = [FORMATS[f].modelopt_preset for f in formats if FORMATS[f].quantized]
+    from autoq.apply import torch_nvfp4_preset
+
+    device = next(model.parameters()).device
+    presets: list[str | dict] = []
+    custom: dict[str, str] = {}
+    for fmt in (FORMATS[f] for f in formats if FORMATS[f].quantized):
+        if "nvfp4" in (fmt.weight, fmt.activation) and device.type != "cuda":
+            # ModelOpt's NVFP4 kernels are CUDA-only: on other devices its quantizers run autoq's
+            # bit-matched implementation, and ModelOpt names the config CUSTOM_<position>.
+            custom[f"CUSTOM_{len(presets)}"] = fmt.name
+            presets.append(torch_nvfp4_preset(fmt.modelopt_preset))
+        else:
+            presets.append(fmt.modelopt_preset)
     searched = set(layer_names)
     disabled = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in searched]
-    device = next(model.parameters()).device
     data = [ids.to(device) for ids in batches]
     start = time.perf_counter()
     with modelopt_quietly():
@@ -121,6 +136,7 @@ def run_auto_quantize(
             disabled_layers=disabled or None,
             verbose=False,
         )
+    state[CUSTOM_FORMATS] = custom
     return state, time.perf_counter() - start
 
 
