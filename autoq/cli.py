@@ -205,7 +205,7 @@ def _model_settings(args: argparse.Namespace):
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="ppl,kl",
-                        help="ppl, kl, wikitext2, lambada, arc_easy, piqa, mmlu, TASK:SHOTS (e.g. mmlu:5) or any lm-eval task (default: ppl,kl)")  # fmt: skip
+                        help="ppl, kl, wikitext2, lambada, arc_easy, piqa, mmlu, TASK:SHOTS (e.g. mmlu:5), TASK@LIMIT (e.g. arc_easy@300) or any lm-eval task (default: ppl,kl)")  # fmt: skip
     parser.add_argument("--eval-data", type=Path, default=None,
                         help="local data for wikitext2/lambada/arc_easy/piqa/mmlu (default: $AUTOQ_EVAL_DATA; neither: the hub)")  # fmt: skip
     parser.add_argument("--num-fewshot", type=_non_negative_int, default=None, help="few-shot examples for lm-eval tasks without :SHOTS")

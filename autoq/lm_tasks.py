@@ -50,10 +50,12 @@ SUITE = {
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """One lm-eval task to run: a suite name or any lm-eval task, with an optional few-shot count."""
+    """One lm-eval task to run: a suite name or any lm-eval task, with an optional few-shot count and
+    document limit (``mmlu:5@2``: 5-shot, 2 documents per subject; ``arc_easy@300``)."""
 
     name: str
     shots: int | None = None
+    limit: int | None = None  # documents (per MMLU subject); None: the run's --limit
 
     @property
     def label(self) -> str:
@@ -68,12 +70,14 @@ class TaskRequest:
 
 
 def parse_task(text: str) -> TaskRequest:
-    name, _, shots = text.partition(":")
-    if not shots:
-        return TaskRequest(name)
-    if not shots.isdigit():
+    """``TASK``, ``TASK:SHOTS``, ``TASK@LIMIT`` or ``TASK:SHOTS@LIMIT``."""
+    rest, _, limit = text.partition("@")
+    name, _, shots = rest.partition(":")
+    if shots and not shots.isdigit():
         raise AutoqError(f"task '{text}': the few-shot count after ':' must be a whole number")
-    return TaskRequest(name, int(shots))
+    if limit and (not limit.isdigit() or int(limit) < 1):
+        raise AutoqError(f"task '{text}': the document limit after '@' must be a positive whole number")
+    return TaskRequest(name, int(shots) if shots else None, int(limit) if limit else None)
 
 
 def check_requests(requests: list[TaskRequest], eval_data: Path | None, offline: bool, default_shots: int | None = None) -> None:
@@ -160,8 +164,9 @@ def run_lm_eval(
     """lm-eval's results for each few-shot setting (one ``simple_evaluate`` call per setting).
 
     Each entry: ``{"num_fewshot", "tasks": {label: lm-eval name}, "results", "groups"}``.
-    ``limit`` counts documents per task (per subject for MMLU). ``max_length``: the longest input
-    (WikiText's rolling windows); None keeps lm-eval's default, the model's maximum context.
+    ``limit`` counts documents per task (per subject for MMLU) where a request sets none of its own.
+    ``max_length``: the longest input (WikiText's rolling windows); None keeps lm-eval's default, the
+    model's maximum context.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -170,11 +175,12 @@ def run_lm_eval(
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     device = str(next(model.parameters()).device)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
-    by_shots: dict[int | None, list[TaskRequest]] = {}
+    by_setting: dict[tuple[int | None, int | None], list[TaskRequest]] = {}  # one lm-eval run per (shots, limit)
     for request in requests:
-        by_shots.setdefault(request.shots if request.shots is not None else default_shots, []).append(request)
+        shots = request.shots if request.shots is not None else default_shots
+        by_setting.setdefault((shots, request.limit or limit), []).append(request)
     runs = []
-    for shots, group in by_shots.items():
+    for (shots, run_limit), group in by_setting.items():
         with tempfile.TemporaryDirectory(prefix="autoq-tasks-") as generated:
             include = [LOCAL_TASKS_DIR, Path(generated)]
             if eval_data is not None and any(r.name == "mmlu" for r in group):
@@ -182,13 +188,14 @@ def run_lm_eval(
             names = {r.label: r.lm_eval_name(eval_data) for r in group}
             try:
                 results = lm_eval.simple_evaluate(
-                    model=wrapped, tasks=sorted(set(names.values())), num_fewshot=shots, limit=limit,
+                    model=wrapped, tasks=sorted(set(names.values())), num_fewshot=shots, limit=run_limit,
                     task_manager=task_manager(list(names.values()), eval_data, include),
                     log_samples=False, bootstrap_iters=0, verbosity="ERROR",
                 )  # fmt: skip
             except (KeyError, ValueError, FileNotFoundError) as err:
                 raise AutoqError(f"lm-eval could not run {sorted(names)}: {err}") from None
-        runs.append({"num_fewshot": shots, "tasks": names, "results": results.get("results", {}), "groups": results.get("groups", {})})
+        runs.append({"num_fewshot": shots, "limit": run_limit, "tasks": names, "results": results.get("results", {}),
+                     "groups": results.get("groups", {})})  # fmt: skip
     return runs
 
 

@@ -124,11 +124,20 @@ def test_every_task_runs_end_to_end_on_the_synthetic_model(tmp_path: Path) -> No
     assert result["lm_eval"][1]["tasks"] == {"mmlu_5shot": MMLU_GROUP}
 
 
+def test_task_requests_carry_their_own_shots_and_limits() -> None:
+    from autoq.lm_tasks import TaskRequest, parse_task
+
+    assert parse_task("mmlu:5@2") == TaskRequest("mmlu", 5, 2) and parse_task("mmlu:5@2").label == "mmlu_5shot"
+    assert parse_task("arc_easy@300") == TaskRequest("arc_easy", None, 300)
+    assert parse_task("piqa") == TaskRequest("piqa")
+
+
 BAD = {
     "missing eval data directory": (["--tasks", "arc_easy", "--eval-data", "/no/such/data"], "eval data directory /no/such/data does not exist"),
     "eval data without the task's files": (["--tasks", "piqa", "--eval-data", "{empty}"], "has no piqa/valid.jsonl (needed by task piqa"),
     "unknown task": (["--tasks", "ppl,no_such_task"], "unknown task 'no_such_task'"),
     "bad few-shot count": (["--tasks", "mmlu:five"], "the few-shot count after ':' must be a whole number"),
+    "bad document limit": (["--tasks", "arc_easy@0"], "the document limit after '@' must be a positive whole number"),
     "few-shot MMLU without dev/": (["--tasks", "mmlu:5", "--eval-data", "{no_dev}"], "5-shot needs dev/<subject>_dev.csv; missing for algebra"),
     "hub tasks offline": (["--tasks", "arc_easy"], "need the HuggingFace hub; offline, pass --eval-data DIR"),
     "missing checkpoint": (["--checkpoint", "/no/such/ckpt", "--tasks", "ppl"], "checkpoint /no/such/ckpt does not exist"),
