@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -93,12 +94,14 @@ def write_model(name: str, path: Path, device: str, seed: int = 0) -> Path:
         skeleton = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator(device=device).manual_seed(seed)
     weight_map, shard, shard_bytes, total = {}, {}, 0, 0
+    writers = ThreadPoolExecutor(max_workers=4)  # shards are written while the next ones are drawn
+    pending = []
 
     def flush() -> None:
         nonlocal shard, shard_bytes
         if shard:
             file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            save_file(shard, str(path / file), metadata={"format": "pt"})
+            pending.append(writers.submit(save_file, shard, str(path / file), metadata={"format": "pt"}))
             weight_map.update(dict.fromkeys(shard, file))
             shard, shard_bytes = {}, 0
 
@@ -113,6 +116,9 @@ def write_model(name: str, path: Path, device: str, seed: int = 0) -> Path:
             flush()
         shard[param_name], shard_bytes, total = tensor, shard_bytes + tensor.nbytes, total + tensor.nbytes
     flush()
+    for write in pending:
+        write.result()
+    writers.shutdown()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
