@@ -81,8 +81,9 @@ class StatsCollector(HooksMixin):
             picks = torch.linspace(0, flat.shape[0] - 1, count, device=flat.device)
             s.awq_samples.append(flat[picks.long()].clone())
 
-    def search_awq(self, targets: list[Target]) -> None:
-        """AWQ pre-quantization scales of ``targets`` (whose inputs have all been seen)."""
+    def search_awq(self, targets: list[Target], batch_elements: int = 0) -> None:
+        """AWQ pre-quantization scales of ``targets`` (whose inputs have all been seen);
+        ``batch_elements``: see ``awq.search_pre_quant_scale``."""
         for target in targets:
             s = self.stats[target.name]
             if not s.awq_samples:
@@ -90,5 +91,7 @@ class StatsCollector(HooksMixin):
             sample = torch.cat(s.awq_samples)
             for fmt in target.formats:
                 if fmt.awq:
-                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(fmt, target.weight, s.act_scale, sample)
+                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(
+                        fmt, target.weight, s.act_scale, sample, batch_elements=batch_elements
+                    )
             s.awq_samples.clear()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from bench_search import DEVICE, build, floor_seconds, fresh_peak, layer_choices, peak_gib, synced, tokens
+from bench_search import DEVICE, TODAY, build, floor_seconds, fresh_peak, layer_choices, peak_gib, synced, tokens
 
 VARIANTS = {
+    "today": TODAY,  # before issue 17's speed-ups (see bench_search.VARIANTS)
     "default": {},
     "stream": {"stream_blocks": True},
     "store-1GiB": {"store_budget_gib": 1.0},
