@@ -9,6 +9,10 @@ optimality gap, so results are exact (tests compare against brute force).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,16 +129,17 @@ def solve(options: Options, budget_bits: float) -> Solution:
     capacity = budget_bits * options.params
     margin = 0.0
     for _ in range(20):  # tighten by the solver's feasibility tolerance if it overshoots
-        result = milp(
-            c=scores / score_scale,
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            constraints=[
-                LinearConstraint(pick_one, 1, 1),
-                LinearConstraint(bits[None, :] / options.params, -np.inf, (capacity - margin) / options.params),
-            ],
-            options={"mip_rel_gap": 0.0, "presolve": True},
-        )
+        with _native_output_silenced():
+            result = milp(
+                c=scores / score_scale,
+                integrality=np.ones(n),
+                bounds=Bounds(0, 1),
+                constraints=[
+                    LinearConstraint(pick_one, 1, 1),
+                    LinearConstraint(bits[None, :] / options.params, -np.inf, (capacity - margin) / options.params),
+                ],
+                options={"mip_rel_gap": 0.0, "presolve": True},
+            )
         if result.x is None:
             raise AutoqError(f"the solver found no assignment for --bits {budget_bits:g} ({result.message})")
         picked = np.round(result.x).astype(bool)
@@ -162,3 +167,20 @@ def frontier(options: Options, budgets: list[float]) -> pd.DataFrame:
             **{f"groups_{fmt}": int(count) for fmt, count in counts.items()},
         })  # fmt: skip
     return pd.DataFrame(rows).fillna(0)
+
+
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """File descriptor 1 points at /dev/null inside the block: HiGHS' MIP solver prints debugging
+    lines (``HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();``) from C++
+    straight to the process's stdout, past ``sys.stdout`` and scipy's ``disp=False``."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)

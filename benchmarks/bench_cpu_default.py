@@ -1,14 +1,16 @@
 """The default search on a CPU: ``autoq search --bits 4.8`` with no other argument (issue 9: <= 120 s, <= 3 GiB).
 
-Each measurement runs the command in a fresh process with a fresh ``$AUTOQ_CACHE`` (and a fresh
-torch inductor cache), so nothing from an earlier run helps it:
+Each measurement runs exactly that command (the ``autoq`` script of this environment) in a fresh
+process, in a fresh working directory (so it writes ``runs/search/`` there) and with a fresh
+``$AUTOQ_CACHE``, so nothing from an earlier run helps it:
 * ``first run, GGUF included``: nothing cached at all, so the default model's one-time
-  GGUF -> bf16 conversion is part of the run;
+  GGUF -> bf16 conversion is part of the run (a user's very first search);
 * ``first run``: only the converted model is cached (the conversion done beforehand, timed
-  alone as ``GGUF conversion``); no scores, no statistics;
-* ``scores cached``: the same command again (no model work at all).
-Wall time, peak RSS of the process (``wait4``), the 1-minute load average when it started (the
-machine may be shared: timings grow with the load) and the machine go to the CSV.
+  alone as ``GGUF conversion``); no scores, no statistics (any later search of new work);
+* ``scores cached``: the same command again in a new directory (no model work at all).
+Wall time, CPU time and peak RSS of the process (``wait4``), the 1-minute load average when it
+started and when it ended (the machine may be shared: wall times grow with the load; the end value
+includes the run's own ~2) and the machine go to the CSV.
 
     python benchmarks/bench_cpu_default.py --repeats 2 --out reports/benchmarks/cpu_default.csv
 """
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -44,19 +47,19 @@ def memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
-def timed(command: list[str], env: dict[str, str], log: Path) -> dict:
-    """Run ``command``; wall seconds, peak RSS (GiB) and the load average at its start."""
+def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict:
+    """Run ``command`` in ``cwd``; wall and CPU seconds, peak RSS (GiB), load averages."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"{' '.join(command)} failed ({code}); its output: {log}")
-    return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "load_avg_1min": load,
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}  # fmt: skip
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "load_avg_1min_start": load, "load_avg_1min_end": os.getloadavg()[0]}  # fmt: skip
 
 
 def main() -> None:
@@ -65,38 +68,45 @@ def main() -> None:
     parser.add_argument("--bits", default="4.8")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/cpu_default.csv"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary caches and logs")
+    parser.add_argument("--replace", action="store_true", help="replace --out instead of adding this session's rows to it")
     args = parser.parse_args()
-    autoq = [sys.executable, "-m", "autoq.cli"]
+    autoq = str(Path(sys.executable).parent / "autoq")  # the console script pip installed with autoq
     work = Path(tempfile.mkdtemp(prefix="autoq-cpu-default-"))
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     rows = []
 
-    def run(label: str, command: list[str], cache: Path, fresh_inductor: bool = True) -> dict:
+    def run(label: str, command: list[str], cache: Path) -> dict:
         env = {**os.environ, "AUTOQ_CACHE": str(cache)}
-        if fresh_inductor:
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.mkdtemp(dir=work)))
-        env.pop("OMP_WAIT_POLICY", None)  # as a user's shell has it: autoq chooses
-        result = timed(command, env, work / f"{label.replace(' ', '_').replace(',', '')}-{len(rows)}.log")
-        shown = " ".join("python" if part == sys.executable else part for part in command)
-        rows.append({"measurement": label, **result, "command": shown.replace("python -m autoq.cli", "autoq")})
+        for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):  # as a user's shell has them: autoq and torch choose
+            env.pop(name, None)
+        cwd = work / f"cwd-{len(rows)}"
+        cwd.mkdir()
+        log = work / f"{label.replace(' ', '_').replace(',', '')}-{len(rows)}.log"
+        result = timed(command, env, cwd, log)
+        shown = " ".join("python" if part == sys.executable else Path(part).name if part == autoq else part for part in command)
+        solver_lines = log.read_text().count("HighsMipSolverData")  # HiGHS debugging lines that reached the terminal
+        rows.append({"measurement": label, **result, "solver_lines": solver_lines, "command": shown})
         print(rows[-1], flush=True)
         return result
 
-    search = [*autoq, "search", "--bits", args.bits, "--no-progress"]
+    search = [autoq, "search", "--bits", args.bits]
     everything = work / "cache-cold"
-    run("first run, GGUF included", [*search, "--out", str(work / "out-cold")], everything)
-    run("scores cached", [*search, "--out", str(work / "out-cached")], everything, fresh_inductor=False)
+    run("first run, GGUF included", search, everything)
+    run("scores cached", search, everything)
     converted = work / "cache-converted"
     run("GGUF conversion", [sys.executable, "-c", CONVERT], converted)
     for repeat in range(args.repeats):
         cache = work / f"cache-first-{repeat}"
         shutil.copytree(converted, cache)  # the converted model (and the GGUF's remembered sha256) only
-        run("first run", [*search, "--out", str(work / f"out-first-{repeat}")], cache)
+        run("first run", search, cache)
 
     import torch
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, {memory_gib():.0f} GiB RAM, torch {torch.__version__}, threads {torch.get_num_threads()}"
-    table = pd.DataFrame(rows).assign(machine=machine, model="SmolLM2-135M-Instruct (bf16 from its Q4_1 GGUF)")
+    table = pd.DataFrame(rows).assign(started_utc=started, machine=machine, model="SmolLM2-135M-Instruct (bf16 from its Q4_1 GGUF)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.replace:  # each session's rows are kept: the load differs from one to the next
+        table = pd.concat([pd.read_csv(args.out), table], ignore_index=True)
     table.to_csv(args.out, index=False)
     print(table.to_string(index=False))
     if not args.keep:

@@ -77,6 +77,12 @@ def build(size: str, seed: int = 0):
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of this script only
+STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    """Progress on stdout, with the seconds since the script started (to budget a time-limited call)."""
+    print(f"[{time.perf_counter() - STARTED:5.0f} s] {message}", flush=True)
 
 
 def synced() -> float:
@@ -200,12 +206,15 @@ def quality(size, formats_by_plan: dict[str, dict[str, str]], calib, heldout) ->
     from autoq.evaluate import mean_kl, perplexity
 
     reference = build(size)
-    results = {}
+    results, measured = {}, {}  # measured: each distinct plan is applied once
     for label, formats in formats_by_plan.items():
-        model = apply_plan(build(size), formats, calib, progress=False)
-        results[label] = {"kl": mean_kl(reference, model, heldout), "ppl": perplexity(model, heldout)}
-        del model
-        fresh_peak()
+        key = tuple(sorted(formats.items()))
+        if key not in measured:
+            model = apply_plan(build(size), formats, calib, progress=False)
+            measured[key] = {"kl": mean_kl(reference, model, heldout), "ppl": perplexity(model, heldout)}
+            del model
+            fresh_peak()
+        results[label] = measured[key]
     results["bf16"] = {"kl": 0.0, "ppl": perplexity(reference, heldout)}
     return results
 
@@ -301,13 +310,24 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     formats = args.formats.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
+    sizes = [s for s in args.sizes.split(",") if s]
+    modes = [(v, False) for v in args.variants.split(",") if v] + [(v, True) for v in args.stream_variants.split(",") if v]
+    import autoq
+
+    info = {  # written first: a run cut short by a time limit still says what it was
+        "run": args.run, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+        "autoq": autoq.__version__, "modelopt": modelopt.__version__, "formats": formats, "budgets": budgets,
+        "batches": args.batches, "batch_size": 4, "seq_len": args.seq_len, "heldout_batches": args.heldout_batches,
+        "repeats": args.repeats, "sizes": sizes, "quality_sizes": [] if args.no_quality else (args.quality_sizes or args.sizes).split(","),
+        "modelopt_baseline": not args.no_modelopt, "variants": {name: VARIANTS[name] for name in dict.fromkeys(v for v, _ in modes)},
+        "streamed_variants": [v for v, streamed in modes if streamed],
+    }  # fmt: skip
+    (args.out / "bench_search.json").write_text(json.dumps(info, indent=2))
     calib = tokens(args.batches * 4, args.seq_len, 0, DEVICE)
     heldout = tokens(args.heldout_batches * 4, args.seq_len, args.batches * 4, DEVICE)
-    modes = [(v, False) for v in args.variants.split(",") if v] + [(v, True) for v in args.stream_variants.split(",") if v]
     tool = {mode: ("autoq-stream" if mode[1] else "autoq") + ("" if mode[0] == "default" else f":{mode[0]}") for mode in modes}
     reference_mode = ("today", False) if ("today", False) in modes else modes[0]
 
-    sizes = [s for s in args.sizes.split(",") if s]
     if sizes:  # warm-up: ModelOpt's CUDA extensions compile on first use; autoq's kernels (every variant's) too
         warm = build("tiny")
         warm_choices, _ = layer_choices(warm, formats)
@@ -316,6 +336,7 @@ def main() -> None:
         if not args.no_modelopt:
             run_modelopt(warm, calib[:2], formats, budgets[:1], warm_choices)
         del warm
+        say("warmed up")
 
     rows, runs, variant_rows = [], [], []
     for size in sizes:
@@ -325,13 +346,13 @@ def main() -> None:
         model = build(size)
         params = sum(p.numel() for p in model.parameters())
         floor = floor_seconds(model, calib, formats)
-        print(f"{size}: floor {floor:.2f} s", flush=True)
+        say(f"{size}: floor {floor:.2f} s")
         timings: dict[str, list[dict]] = {tool[mode]: [] for mode in modes}
         for _ in range(args.repeats):
             for mode in modes:
                 result = run_autoq(model, calib, formats, budgets, mode[1], VARIANTS[mode[0]])
                 timings[tool[mode]].append(result)
-                print(f"{size} {tool[mode]}: {result['score_s'] + result['solve_s']:.2f} s, {result['peak_gib']:.2f} GiB", flush=True)
+                say(f"{size} {tool[mode]}: {result['score_s'] + result['solve_s']:.2f} s, {result['peak_gib']:.2f} GiB")
         choices = timings[tool[modes[0]]][0]["choices"]
         if size in args.profile_sizes.split(","):
             stages, profile_text = stage_table(model, calib, formats, budgets, VARIANTS["default"])
@@ -344,7 +365,7 @@ def main() -> None:
             for repeat in range(args.repeats):  # ModelOpt quantizes the model it is given: a fresh one each time
                 result = run_modelopt(model if repeat == 0 else build(size), calib, formats, budgets, choices)
                 timings["modelopt"].append(result)
-                print(f"{size} modelopt: {result['score_s'] + result['solve_s']:.2f} s, {result['peak_gib']:.2f} GiB", flush=True)
+                say(f"{size} modelopt: {result['score_s'] + result['solve_s']:.2f} s, {result['peak_gib']:.2f} GiB")
             plans["modelopt"] = result["plans"]
         del model
         fresh_peak()
@@ -375,6 +396,7 @@ def main() -> None:
         if not args.no_quality and (args.quality_sizes is None or size in args.quality_sizes.split(",")):
             compared = [t for t in ("autoq", tool[reference_mode], "modelopt") if t in plans]
             qual = quality(size, {f"{t}@{b:g}": plans[t][b] for t in dict.fromkeys(compared) for b in budgets}, calib, heldout)
+            say(f"{size}: plan quality measured")
             for row in variant_rows:
                 if row["model"] == size and row["tool"] in compared:
                     row |= {f"kl_{b:g}": qual[f"{row['tool']}@{b:g}"]["kl"] for b in budgets}
@@ -408,15 +430,6 @@ def main() -> None:
         (args.out / "stream_check.json").write_text(json.dumps(check, indent=2))
         print(json.dumps(check, indent=2))
 
-    import autoq
-
-    info = {
-        "run": args.run, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-        "autoq": autoq.__version__, "modelopt": modelopt.__version__, "formats": formats, "budgets": budgets,
-        "batches": args.batches, "batch_size": 4, "seq_len": args.seq_len, "heldout_batches": args.heldout_batches,
-        "repeats": args.repeats, "variants": {name: VARIANTS[name] for name in dict.fromkeys(v for v, _ in modes)},
-    }  # fmt: skip
-    (args.out / "bench_search.json").write_text(json.dumps(info, indent=2))
     pd.set_option("display.width", 250)
     if variant_rows:
         print(pd.DataFrame(variant_rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
