@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -155,10 +156,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write profile_<size>.csv / .txt here")
     parser.add_argument("--host-transfers", action="store_true", help="also time pinning and host-to-GPU copies")
     parser.add_argument("--kernels", action="store_true", help="also time the activation quantizers before/after (kernels_<device>.csv)")
+    parser.add_argument("--kernel-shape", default="16384x4096", help="TOKENSxFEATURES of the --kernels input")
+    parser.add_argument("--kernel-iterations", type=int, default=20)
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
     args = parser.parse_args()
     if args.kernels:
-        kernels = pd.DataFrame(kernel_check())
+        tokens_, features = (int(v) for v in args.kernel_shape.split("x"))
+        load = os.getloadavg()[0]  # a shared CPU's timings grow with the load
+        kernels = pd.DataFrame(kernel_check(tokens_, features, args.kernel_iterations)).assign(load_avg_1min=load)
         print(kernels.to_string(index=False), flush=True)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
