@@ -41,22 +41,27 @@ def smoothing_scale(act_scale: torch.Tensor, w_scale: torch.Tensor, alpha: float
 
 @torch.no_grad()
 def search_pre_quant_scale(
-    fmt: Format, weight: torch.Tensor, act_scale: torch.Tensor, x_sample: torch.Tensor, sum_losses: LossReduction = this_process
+    fmt: Format, weight: torch.Tensor, act_scale: torch.Tensor, x_sample: torch.Tensor,
+    sum_losses: LossReduction = this_process, *, batch_elements: int = 0,
 ) -> torch.Tensor:
     """The AWQ ``pre_quant_scale`` (= 1/s, float32) minimising output MSE on ``x_sample``.
 
     ``act_scale`` is the mean |x| per input channel over all calibration tokens; ``x_sample``
     is ``[tokens, in_features]`` in the model dtype. The loss is the squared error summed in
     float64 (the MSE's argmin), so that data-parallel ranks add up theirs with ``sum_losses``.
+    The candidates' weights are quantized in batches of up to ``batch_elements`` weight elements
+    (0: one at a time); the numbers are the same.
     """
     reference = F.linear(x_sample, weight)
     w_scale = weight_scale(weight, fmt.weight_block)
-    candidates, losses = [], []
-    for alpha in ALPHAS:  # no host sync inside the loop: the GPU runs all alphas back to back
-        pre_quant_scale = 1.0 / smoothing_scale(act_scale, w_scale, alpha)
-        out = F.linear(x_sample * pre_quant_scale.to(x_sample.dtype), fmt.quantize_weight(weight, pre_quant_scale))
-        candidates.append(pre_quant_scale)
-        losses.append((out - reference).float().pow(2).sum(dtype=torch.float64))
+    candidates = torch.stack([1.0 / smoothing_scale(act_scale, w_scale, alpha) for alpha in ALPHAS])
+    per_batch = max(1, batch_elements // weight.numel())
+    losses = []
+    for first in range(0, len(ALPHAS), per_batch):  # no host sync: the GPU runs all alphas back to back
+        batch = candidates[first : first + per_batch]
+        for pre_quant_scale, qweight in zip(batch, fmt.quantize_weight_candidates(weight, batch)):
+            out = F.linear(x_sample * pre_quant_scale.to(x_sample.dtype), qweight)
+            losses.append((out - reference).float().pow(2).sum(dtype=torch.float64))
     # argmin returns the first minimum: ties keep the smaller alpha, like ModelOpt's min().
     best = sum_losses(torch.stack(losses)).nan_to_num(nan=float("inf")).argmin().reshape(1)
-    return torch.stack(candidates).index_select(0, best)[0]
+    return candidates.index_select(0, best)[0]

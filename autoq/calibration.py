@@ -82,10 +82,11 @@ class StatsCollector(HooksMixin):
             picks = torch.linspace(0, flat.shape[0] - 1, count, device=flat.device)
             s.awq_samples.append(flat[picks.long()].clone())
 
-    def search_awq(self, targets: list[Target], sum_losses: awq.LossReduction = awq.this_process) -> None:
+    def search_awq(self, targets: list[Target], sum_losses: awq.LossReduction = awq.this_process, batch_elements: int = 0) -> None:
         """AWQ pre-quantization scales of ``targets`` (whose inputs have all been seen).
 
-        ``sum_losses``: adds up the grid's per-alpha losses over data-parallel ranks.
+        ``sum_losses``: adds up the grid's per-alpha losses over data-parallel ranks;
+        ``batch_elements``: see ``awq.search_pre_quant_scale``.
         """
         for target in targets:
             s = self.stats[target.name]
@@ -94,5 +95,7 @@ class StatsCollector(HooksMixin):
             sample = torch.cat(s.awq_samples)
             for fmt in target.formats:
                 if fmt.awq:
-                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(fmt, target.weight, s.act_scale, sample, sum_losses)
+                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(
+                        fmt, target.weight, s.act_scale, sample, sum_losses, batch_elements=batch_elements
+                    )
             s.awq_samples.clear()

@@ -42,7 +42,9 @@ class TokenData:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()[:24]
+        # The shape too: 4 x 512 and 8 x 256 tokens of one stream are the same bytes, not the same data.
+        shape = "x".join(map(str, self.tokens.shape)).encode()
+        return hashlib.sha256(shape + b":" + self.tokens.numpy().tobytes()).hexdigest()[:24]
 
     def batches(self, batch_size: int) -> list[torch.Tensor]:
         return list(self.tokens.split(batch_size))

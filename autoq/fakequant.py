@@ -76,6 +76,41 @@ NUMERICS_VERSION = 2
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 _AMAX_EPSILON = 1.0 / (1 << 24)
+_FLOAT32_EXPONENT = 0x7F800000  # exponent bits of a float32
+_MANTISSA_BITS = 23
+
+
+# Rounding to a low-precision grid is done in float32 by scaling with powers of two: the value
+# is multiplied by 1/step (exact), rounded half to even (``torch.round``) and multiplied by step
+# (exact). The step is a power of two found from the value's own float32 exponent bits, so
+# neither a chain of comparisons nor a conversion through an 8-bit dtype is needed (both slow on
+# CPUs) and there is no division (Triton's float32 division is approximate).
+def _round_to_grid(x: torch.Tensor, mantissa_bits: int, min_exponent: int, max_exponent: int) -> torch.Tensor:
+    """Round float32 ``x`` half to even to ``mantissa_bits`` bits below its leading bit, with the
+    leading bit's exponent clamped to [``min_exponent``, ``max_exponent``] (the step is at least
+    ``2 ** (min_exponent - mantissa_bits)``: the subnormal step; at most the largest step)."""
+    low = (min_exponent + 127) << _MANTISSA_BITS
+    high = (max_exponent + 127) << _MANTISSA_BITS
+    # exponent bits of |x| (zero, subnormal: 0; inf, NaN: all ones), clamped: those of 2^e
+    step = (x.view(torch.int32) & _FLOAT32_EXPONENT).clamp_(low, high).sub_(mantissa_bits << _MANTISSA_BITS)  # 2^(e - m)
+    inverse = (254 << _MANTISSA_BITS) - step  # 2^(m - e): (127 - k) << 23 from 2^k's (127 + k) << 23; no int32 overflow
+    return (x * inverse.view(torch.float32)).round_().mul_(step.view(torch.float32))
+
+
+def _round_to_e4m3(scaled: torch.Tensor) -> torch.Tensor:
+    """Round float32 values within [-448, 448] to FP8 E4M3, half to even, kept as float32: three
+    mantissa bits, subnormal step 2^-9 below 2^-6. Equals ``x.to(torch.float8_e4m3fn).float()``."""
+    return _round_to_grid(scaled, 3, -6, 8)
+
+
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the E2M1 grid {0, ±.5, ±1, ±1.5, ±2, ±3, ±4, ±6}, saturating at ±6.
+
+    The step is .5 below 2, 1 in [2, 4) and 2 above (one mantissa bit, exponents 0 to 2);
+    rounding half to even on it gives exactly ModelOpt's ``fp4_round_magnitude`` decision
+    boundaries (ties to the even code).
+    """
+    return _round_to_grid(x, 1, 0, 2).clamp_(-FP4_E2M1_MAX, FP4_E2M1_MAX)
 
 
 def fp8_e4m3_codes(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,39 +118,33 @@ def fp8_e4m3_codes(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, t
     amax = amax.to(device=x.device, dtype=torch.float32)
     safe_amax = torch.where(amax <= _AMAX_EPSILON, torch.ones_like(amax), amax)
     scale = FP8_E4M3_MAX / safe_amax
-    return scale, (x.to(torch.float32) * scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    codes = _round_to_e4m3((x.to(torch.float32) * scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX))
+    return scale, codes.to(torch.float8_e4m3fn)  # exact: the values are on the E4M3 grid
 
 
 @fused_on_cuda
 def fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """Fake-quantize to FP8 E4M3 with scale ``amax / 448`` (``amax`` broadcasts against ``x``)."""
-    scale, codes = fp8_e4m3_codes(x, amax)
-    return (codes.to(torch.float32) * (1.0 / scale)).to(x.dtype)
+    amax = amax.to(device=x.device, dtype=torch.float32)
+    scale = FP8_E4M3_MAX / torch.where(amax <= _AMAX_EPSILON, torch.ones_like(amax), amax)
+    scaled = (x.to(torch.float32) * scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return _round_to_e4m3(scaled).mul_(1.0 / scale).to(x.dtype)
 
 
-def round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
-    """Round non-negative values to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}.
-
-    Same decision boundaries as ModelOpt's ``fp4_round_magnitude`` (ties to the even code).
-    """
-    m = magnitude
-    return torch.where(m <= 0.25, 0.0,
-           torch.where(m < 0.75, 0.5,
-           torch.where(m <= 1.25, 1.0,
-           torch.where(m < 1.75, 1.5,
-           torch.where(m <= 2.5, 2.0,
-           torch.where(m < 3.5, 3.0,
-           torch.where(m <= 5.0, 4.0, 6.0)))))))  # fmt: skip
+def _nvfp4_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4's block scales rounded to E4M3 (float32, ``x.shape[:-1] + (blocks, 1)``) and its FP32 global scale."""
+    # The maximum of |x| is one of its values: taken in x's own dtype, then widened exactly.
+    block_amax = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size).abs().amax(dim=-1, keepdim=True).float()
+    global_scale = global_amax.to(device=x.device, dtype=torch.float32) / (FP4_E2M1_MAX * FP8_E4M3_MAX)
+    global_scale = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, 1e-12))
+    in_fp8_range = (block_amax / (FP4_E2M1_MAX * global_scale)).clamp_(max=FP8_E4M3_MAX)
+    return _round_to_e4m3(in_fp8_range), global_scale
 
 
 def nvfp4_stored_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8-E4M3 block scales (``x.shape[:-1] + (blocks,)``) and the FP32 global scale of NVFP4."""
-    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-    global_scale = global_amax.to(device=x.device, dtype=torch.float32) / (FP4_E2M1_MAX * FP8_E4M3_MAX)
-    global_scale = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, 1e-12))
-    block_amax = blocks.abs().amax(dim=-1)
-    in_fp8_range = (block_amax / (FP4_E2M1_MAX * global_scale)).clamp(max=FP8_E4M3_MAX)
-    return in_fp8_range.to(torch.float8_e4m3fn), global_scale
+    block_scales, global_scale = _nvfp4_scales(x, global_amax, block_size)
+    return block_scales.squeeze(-1).to(torch.float8_e4m3fn), global_scale
 
 
 def nvfp4_block_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> torch.Tensor:
@@ -123,8 +152,8 @@ def nvfp4_block_scales(x: torch.Tensor, global_amax: torch.Tensor, block_size: i
 
     Returns a float32 tensor shaped ``x.shape[:-1] + (x.shape[-1] // block_size, 1)``.
     """
-    block_scales, global_scale = nvfp4_stored_scales(x, global_amax, block_size)
-    scales = block_scales.to(torch.float32).unsqueeze(-1) * global_scale
+    block_scales, global_scale = _nvfp4_scales(x, global_amax, block_size)
+    scales = block_scales.mul_(global_scale)
     return torch.where(scales >= 1e-5, scales, torch.ones_like(scales))
 
 
@@ -135,27 +164,35 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block_size: int = 16) -> t
         raise ValueError(f"NVFP4 needs the last dimension ({x.shape[-1]}) divisible by {block_size}")
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
     scales = nvfp4_block_scales(x, global_amax, block_size)
-    magnitude = round_to_e2m1(blocks.abs() / scales) * scales
-    return torch.where(blocks >= 0, magnitude, -magnitude).reshape(x.shape).to(x.dtype)
+    return round_to_e2m1(blocks / scales).mul_(scales).reshape(x.shape).to(x.dtype)
 
 
 @fused_on_cuda
 def int_block_amax(w: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Static per-block amax of a 2-D weight, blocks of ``block_size`` along the input dim."""
-    out_features, in_features = w.shape
-    return w.to(torch.float32).reshape(out_features, in_features // block_size, block_size).abs().amax(-1, keepdim=True)
+    """Static per-block amax of a weight (or a stack of weights), blocks of ``block_size`` along
+    the input (last) dim; float32, shaped ``w.shape[:-1] + (blocks, 1)``."""
+    return w.reshape(*w.shape[:-1], w.shape[-1] // block_size, block_size).abs().amax(-1, keepdim=True).float()
+
+
+def _ieee_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """IEEE float32 division. Fused on CUDA it runs in float64 and is rounded to float32, which
+    equals IEEE float32 division exactly (53 >= 2 * 24 + 2 bits); Triton's own float32 division
+    is approximate, and a code flipped at a rounding tie would break bit-equality with ModelOpt."""
+    if numerator.is_cuda:
+        return (numerator.double() / denominator.double()).float()
+    return numerator / denominator
 
 
 def int_block_codes(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-block scales ``max_code / amax`` (float32, ``(out, blocks, 1)``) and the integer codes
-    (as float32, ``(out, blocks, block_size)``) of symmetric full-range block quantization."""
-    out_features, in_features = w.shape
-    if in_features % block_size:
-        raise ValueError(f"INT{num_bits} needs in_features ({in_features}) divisible by {block_size}")
-    blocks = w.to(torch.float32).reshape(out_features, in_features // block_size, block_size)
+    """The per-block scales ``max_code / amax`` (float32, ``w.shape[:-1] + (blocks, 1)``) and the
+    integer codes (as float32, ``w.shape[:-1] + (blocks, block_size)``) of symmetric full-range block
+    quantization. ``w``: a weight (or a stack of weights), blocks along the last dim."""
+    if w.shape[-1] % block_size:
+        raise ValueError(f"INT{num_bits} needs in_features ({w.shape[-1]}) divisible by {block_size}")
+    blocks = w.to(torch.float32).reshape(*w.shape[:-1], w.shape[-1] // block_size, block_size)
     max_bound = 2.0 ** (num_bits - 1) - 1.0
     zero = block_amax <= _AMAX_EPSILON
-    scale = (torch.full_like(block_amax, max_bound, dtype=torch.float64) / block_amax.double()).float()
+    scale = _ieee_divide(torch.full_like(block_amax, max_bound), block_amax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     codes = torch.clamp(torch.round(blocks * scale), -max_bound - 1.0, max_bound)
     return torch.where(zero, torch.ones_like(scale), scale), codes
@@ -163,11 +200,7 @@ def int_block_codes(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, bl
 
 @fused_on_cuda
 def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
-    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]).
-
-    The two divisions run in float64 and are rounded to float32: that equals IEEE float32
-    division exactly (53 >= 2 * 24 + 2 bits), which ModelOpt's INT4 kernel uses and Triton's
-    fast float32 division does not; a flipped code at a rounding tie would break bit-equality.
-    """
+    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]);
+    ``block_amax`` as ``int_block_amax`` returns it."""
     scale, codes = int_block_codes(w, block_amax, num_bits, block_size)
-    return (codes.double() / scale.double()).float().reshape(w.shape).to(w.dtype)
+    return _ieee_divide(codes, scale).reshape(w.shape).to(w.dtype)

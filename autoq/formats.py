@@ -103,7 +103,17 @@ class Format:
         stage): the exporter sets it to the maximum over layers a runtime fuses.
         """
         w = self.smooth(weight, pre_quant_scale)
-        amax = w.abs().amax().float() if tensor_amax is None else tensor_amax.float()
+        return self._quantize_smoothed(w, w.abs().amax().float() if tensor_amax is None else tensor_amax.float())
+
+    def quantize_weight_candidates(self, weight: torch.Tensor, pre_quant_scales: torch.Tensor) -> torch.Tensor:
+        """``quantize_weight(weight, p)`` for every row ``p`` of ``pre_quant_scales`` (``[k, in]``),
+        computed as one batch: ``[k, out, in]``, each slice equal to its own call (AWQ's grid)."""
+        if self.weight != "int4":
+            raise ValueError(f"{self.name}: AWQ candidates are INT4 weights")
+        w = self.smooth(weight, pre_quant_scales[:, None, :])
+        return self._quantize_smoothed(w, w.abs().amax(dim=(-2, -1), keepdim=True).float())
+
+    def _quantize_smoothed(self, w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         if self.weight == "fp8":
             return fakequant.fp8_e4m3(w, amax)
         if self.weight == "nvfp4":
@@ -113,7 +123,7 @@ class Format:
             if self.activation == "fp8":  # W4A8: INT4 values re-expressed on a per-tensor FP8 grid
                 q = fakequant.fp8_e4m3(q, amax)
             return q
-        return weight
+        return w
 
     def quantize_input(
         self, x: torch.Tensor, channel_amax: torch.Tensor, pre_quant_scale: torch.Tensor | None = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from autoq import fakequant
 from autoq.calibration import LayerStats
@@ -32,8 +33,15 @@ def fisher_term(grad: torch.Tensor, quantized_output: torch.Tensor, output: torc
 
     One fused pass on CUDA: ``Q(Y) - Y`` is never written to memory.
     """
-    diff = quantized_output - output
-    return (grad.float() * diff.float()).clamp(-1e10, 1e10).square().sum()
+    diff = quantized_output - output  # in the model's dtype, as the quantized model computes it
+    return diff.float().mul_(grad).clamp_(-1e10, 1e10).square_().sum()
+
+
+@fakequant.fused_on_cuda
+def fisher_terms(grad: torch.Tensor, output: torch.Tensor, *quantized_outputs: torch.Tensor) -> torch.Tensor:
+    """``fisher_term`` of each quantized output, stacked: one fused pass over ``grad`` and ``output``
+    on CUDA for all of a layer's formats."""
+    return torch.stack([fisher_term.__wrapped__(grad, q, output) for q in quantized_outputs])
 
 
 @dataclass
@@ -49,9 +57,13 @@ class _Prepared:
 class ScoreHooks(HooksMixin):
     """Accumulates the scores of every target, per format, on ``device`` (read with ``totals``)."""
 
-    def __init__(self, targets: list[Target], stats: dict[str, LayerStats], export_fused_scales: bool, device: torch.device):
+    def __init__(
+        self, targets: list[Target], stats: dict[str, LayerStats], export_fused_scales: bool, device: torch.device,
+        fuse_formats: bool = False,
+    ):
         self.stats = stats
         self.export_fused_scales = export_fused_scales
+        self.fuse_formats = fuse_formats and device.type == "cuda"  # no gain from eager (CPU) stacking
         # float64: sums over steps do not depend on how the steps are chunked (resume is exact)
         self._totals = {t.name: {f.name: torch.zeros((), dtype=torch.float64, device=device) for f in t.formats} for t in targets}
         # Linears fused at runtime read one input (q/k/v): quantize it once per format. Their
@@ -127,7 +139,7 @@ class ScoreHooks(HooksMixin):
     def _on_forward(
         self, target: Target, prepared: list[_Prepared], shared: bool, module: nn.Module, args: tuple, output: torch.Tensor
     ) -> None:
-        if not output.requires_grad:
+        if not output.requires_grad or not prepared:
             return
         source = args[0]
         x, y = source.detach(), output.detach()
@@ -135,11 +147,23 @@ class ScoreHooks(HooksMixin):
         # A fused-experts projection is called per expert: (tokens, expert, weight slice, bias).
         expert, bias = (args[1], args[3]) if target.fused_experts else (None, module.bias)
 
+        def quantized_output(p: _Prepared) -> torch.Tensor:
+            qweight = p.qweight if expert is None else p.qweight[expert]
+            with record_function(f"autoq.score_hook.{p.fmt.name}"):  # profiler rows per format
+                return F.linear(self._quantized_input(source, x, p, shared), qweight, bias)
+
         def on_grad(grad: torch.Tensor) -> None:
             with torch.no_grad():
+                if self.fuse_formats:
+                    outputs = [quantized_output(p) for p in prepared]
+                    with record_function("autoq.score_hook.fisher"):
+                        terms = fisher_terms(grad, y, *outputs)
+                    for p, term in zip(prepared, terms):
+                        totals[p.fmt.name] += term
+                    return
                 for p in prepared:
-                    qweight = p.qweight if expert is None else p.qweight[expert]
-                    quantized_output = F.linear(self._quantized_input(source, x, p, shared), qweight, bias)
-                    totals[p.fmt.name] += fisher_term(grad, quantized_output, y)
+                    output = quantized_output(p)
+                    with record_function("autoq.score_hook.fisher"):
+                        totals[p.fmt.name] += fisher_term(grad, output, y)
 
         self.register_hook(output, on_grad, "grad")

@@ -64,11 +64,22 @@ class ScoringOptions:
     stream_blocks: bool = False  # keep decoder blocks on the CPU, move one at a time to ``device``
     store_on_cpu: bool = False  # keep block inputs in CPU memory (slower: they cross PCIe twice)
     chunk_steps: int | None = None  # steps scored per pass (resume unit); None: from ``store_budget_gib``
-    store_budget_gib: float = 2.0  # memory for block inputs; more batches than fit are scored in chunks
+    # Memory for block inputs; more batches than fit are scored in chunks, each forward again.
+    # None: 2 GiB; in memory on a GPU, half its free memory (usually one chunk: the calibration
+    # pass is then the only forward pass).
+    store_budget_gib: float | None = None
     awq_tokens: int = 1024  # calibration tokens sampled per layer for the AWQ scale search
+    # AWQ's grid quantizes a layer's weight once per alpha: that many weight elements at a time
+    # (fewer, larger kernels; 0: one alpha at a time). Scores do not depend on it.
+    # None: 0 on a CPU (one alpha's weight stays in cache), 2^26 on a GPU.
+    awq_batch_elements: int | None = None
+    # Score hooks reduce every format's ``sum((dL/dY * (Q_f(Y) - Y))^2)`` of a layer in one fused
+    # pass over dL/dY and Y (on a GPU; one kernel instead of one per format). False: one per format.
+    fuse_formats: bool = True
     # Calibration batches are run this many tokens at a time (fewer, larger kernels; the loss is
-    # still the sum of per-batch means, so scores do not depend on it).
-    tokens_per_step: int = 8192
+    # still the sum of per-batch means, so scores depend on it only through rounding).
+    # None: 8192; in memory on a GPU of 40 GiB or more, 16384.
+    tokens_per_step: int | None = None
     # Score fused layers (shared input) with the shared scales ModelOpt's export gives them.
     # False reproduces mtq.auto_quantize's per-layer scales exactly.
     export_fused_scales: bool = True
@@ -81,6 +92,34 @@ class ScoringOptions:
             "objective": self.objective, "batch_size": self.batch_size, "awq_tokens": self.awq_tokens,
             "seed": self.seed, "export_fused_scales": self.export_fused_scales,
         }  # fmt: skip
+
+
+@dataclass
+class EngineSizes:
+    """The sizes ``ScoringOptions`` leaves to the engine (``None``), chosen for the device."""
+
+    tokens_per_step: int
+    awq_batch_elements: int
+    store_budget: float | None  # GiB; None: half the GPU memory free when scoring starts
+    device: torch.device
+
+    @classmethod
+    def resolve(cls, options: ScoringOptions, device: torch.device) -> EngineSizes:
+        gpu = device.type == "cuda"
+        in_gpu_memory = gpu and not options.stream_blocks
+        large_gpu = in_gpu_memory and torch.cuda.get_device_properties(device).total_memory >= 40 * 2**30
+        budget = options.store_budget_gib if options.store_budget_gib is not None or in_gpu_memory else 2.0
+        awq_batch = options.awq_batch_elements
+        if awq_batch is None:  # a CPU quantizes one alpha's weight from its cache; a GPU saves launches
+            awq_batch = 1 << 26 if gpu else 0
+        return cls(options.tokens_per_step or (16384 if large_gpu else 8192), awq_batch, budget, device)
+
+    def store_budget_gib(self) -> float:
+        if self.store_budget is not None:
+            return self.store_budget
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # free to us too
+        return max(2.0, (free + cached) / 2 / 2**30)
 
 
 def batches_per_step(batches: list[torch.Tensor], tokens_per_step: int) -> int:
@@ -130,6 +169,7 @@ class SensitivityEngine:
         self.by_block = by_block(self.targets)
         self.routing = ExpertRouting([t.module for t in self.targets if t.fused_experts])
         self.parallel = distributed.current()  # data-parallel: this process's rank (0 of 1 alone)
+        self.sizes = EngineSizes.resolve(options, self.device)
 
     def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         """Score table (``SCORE_COLUMNS``), from the cache when this exact work was done before."""
@@ -144,7 +184,7 @@ class SensitivityEngine:
 
     def _scores(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         readers = self.executor.check_blockwise(token_batches[0][:1], {t.name: t.module for t in self.targets})
-        per_step = batches_per_step(token_batches, self.options.tokens_per_step)
+        per_step = batches_per_step(token_batches, self.sizes.tokens_per_step)
         steps, self._row_weights = make_steps(token_batches, per_step)
         layout = {"batches_per_step": per_step, "steps": len(steps)}
         chunk_size, stored_steps = self._memory_plan(steps)
@@ -187,7 +227,7 @@ class SensitivityEngine:
         layers = len(self.structure.layers)
         dtype_bytes = next(self.model.parameters()).element_size()
         step_bytes = max(s.numel() for s in steps) * self.structure.lm_head.in_features * dtype_bytes
-        budget = self.options.store_budget_gib * 2**30 / step_bytes  # in hidden states of one step
+        budget = self.sizes.store_budget_gib() * 2**30 / step_bytes  # in hidden states of one step
         world = self.parallel.world
         most = -(-len(steps) // world)  # the most steps one rank has
         own = max(1, min(most, int(budget // (layers + 2))))  # steps of a chunk one rank scores
@@ -233,7 +273,8 @@ class SensitivityEngine:
                 yield
             self.parallel.reduce_stats(targets, collector.stats)  # data-parallel: statistics over all ranks
             with record_function("autoq.awq_search"):
-                collector.search_awq(targets, self.parallel.sum_losses)  # data-parallel: AWQ losses over all ranks
+                # data-parallel: AWQ losses summed over all ranks
+                collector.search_awq(targets, self.parallel.sum_losses, self.sizes.awq_batch_elements)
 
         with self._progress(len(self.structure.layers) + 1, "calibrating") as bar:
             kept, finals = self.executor.forward(
@@ -254,7 +295,7 @@ class SensitivityEngine:
     ) -> dict[str, dict[str, float]]:
         """Scores of one chunk of steps (``step_indices``: their global indices). ``inputs``:
         every block's input per step, if known."""
-        hooks = ScoreHooks(self.targets, stats, self.options.export_fused_scales, self.device)
+        hooks = ScoreHooks(self.targets, stats, self.options.export_fused_scales, self.device, self.options.fuse_formats)
         if inputs is None:  # forward, block-major: keep every block's input for this chunk
             inputs, _ = self.executor.forward(steps, len(steps), label="score_forward", tick=bar.update)
         else:

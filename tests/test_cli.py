@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,21 @@ def test_rerun_with_other_bits_reuses_scores_without_model_work(
     assert summary["scores_from_cache"] is True
     assert load_plan(tmp_path / "second" / "plan-6bits.json").achieved["searched_effective_bits"] <= 6
     assert load_plan(tmp_path / "second" / "plan-5.5bits.json").achieved["searched_effective_bits"] <= 5.5
+
+
+def test_search_calibrates_on_fewer_tokens_on_a_cpu(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoq.cli import DEFAULT_CALIBRATION
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    out = tmp_path / "run"
+    argv = ["search", "--bits", "6", "--model", str(tiny_llama), "--space", "fp8_w4a8", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    calibration = json.loads((out / "search.json").read_text())["calibration"]
+    assert (calibration["samples"], calibration["seq_len"]) == DEFAULT_CALIBRATION["cpu"] != DEFAULT_CALIBRATION["cuda"]
+    assert main([*argv, "--out", str(tmp_path / "given"), "--calib-samples", "3", "--seq-len", "32"]) == 0
+    given = json.loads((tmp_path / "given" / "search.json").read_text())["calibration"]
+    assert (given["samples"], given["seq_len"]) == (3, 32)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # waiting OpenMP threads yield their core
 
 
 def test_frontier_from_a_search(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -38,6 +38,10 @@ def test_sources_agree_and_held_out_is_disjoint(tokenizer, tmp_path: Path) -> No
     stream = torch.cat([loaded[0].tokens.flatten(), held_out.tokens.flatten()])
     assert torch.equal(held_out.tokens.flatten(), stream[128:])
     assert loaded[0].fingerprint != held_out.fingerprint
+    # The same tokens cut into other sequences are other calibration data (scores are cached by it).
+    reshaped = load_tokens(str(tmp_path / "c.txt"), tokenizer, 8, 16)
+    assert torch.equal(reshaped.tokens.flatten(), loaded[0].tokens.flatten())
+    assert reshaped.fingerprint != loaded[0].fingerprint
 
 
 def test_too_little_text_is_a_clear_error(tokenizer, tmp_path: Path) -> None:

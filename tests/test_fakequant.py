@@ -55,11 +55,62 @@ def _e2m1_reference(magnitude: torch.Tensor) -> torch.Tensor:
     return grid[code]
 
 
+def _with_neighbours(values: torch.Tensor, ulps: int = 3) -> torch.Tensor:
+    """``values`` and their ``ulps`` nearest float32 neighbours on each side."""
+    out, up, down = [values], values, values
+    for _ in range(ulps):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(-float("inf")))
+        out += [up, down]
+    return torch.cat(out)
+
+
 def test_e2m1_rounding_matches_reference_including_ties() -> None:
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     assert fakequant.round_to_e2m1(ties).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
-    values = torch.cat([ties, torch.rand(10_000) * 7, torch.tensor([0.0, 6.0, 100.0])])
-    assert torch.equal(fakequant.round_to_e2m1(values).double(), _e2m1_reference(values.clamp(max=6.0)))
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    edges = _with_neighbours(torch.cat([grid, ties]))
+    values = torch.cat([edges, torch.rand(10_000) * 7, torch.tensor([6.0, 100.0, 1e-40])]).abs()
+    reference = _e2m1_reference(values.clamp(max=6.0))
+    assert torch.equal(fakequant.round_to_e2m1(values).double(), reference)
+    assert torch.equal(fakequant.round_to_e2m1(-values).double(), -reference)  # symmetric
+
+
+def test_e4m3_rounding_equals_torch_float8_conversion() -> None:
+    """The FP8 rounding done in float32 equals the float8_e4m3fn cast bit for bit: every code, every
+    midpoint between codes (ties to even), their float32 neighbours, subnormals and signed zeros."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()].unique()
+    midpoints = (codes[1:] + codes[:-1]) / 2
+    torch.manual_seed(0)
+    randoms = torch.cat([torch.rand(100_000) * 896 - 448, torch.randn(100_000) * 1e-3, torch.tensor([0.0, -0.0, 1e-45, -1e-45])])
+    values = torch.cat([_with_neighbours(torch.cat([codes, midpoints])), randoms]).clamp(-448, 448)
+    ours = fakequant._round_to_e4m3(values)
+    assert torch.equal(ours.view(torch.int32), values.to(torch.float8_e4m3fn).float().view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt_name", ["W4A8", "INT4_AWQ"])
+def test_weight_candidates_equal_one_call_each(fmt_name: str) -> None:
+    torch.manual_seed(0)
+    fmt = FORMATS[fmt_name]
+    weight = (torch.randn(64, 256) * torch.rand(256)).to(torch.bfloat16)
+    pre_quant_scales = torch.rand(5, 256) * 3 + 0.1
+    batched = fmt.quantize_weight_candidates(weight, pre_quant_scales)
+    assert batched.shape == (5, 64, 256)
+    for candidate, scale in zip(batched, pre_quant_scales):
+        assert torch.equal(candidate, fmt.quantize_weight(weight, scale))
+
+
+def test_awq_grid_batched_picks_the_same_scale() -> None:
+    from autoq import awq
+
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 384) * torch.rand(384) * 0.1).to(torch.bfloat16)
+    x = (torch.randn(256, 384) * torch.rand(384) * 4).to(torch.bfloat16)
+    act_scale = x.float().abs().mean(0)
+    one_by_one = awq.search_pre_quant_scale(FORMATS["W4A8"], weight, act_scale, x, batch_elements=0)
+    batched = awq.search_pre_quant_scale(FORMATS["W4A8"], weight, act_scale, x, batch_elements=1 << 26)
+    assert torch.equal(one_by_one, batched)
+    assert one_by_one.std() > 0  # a real choice was made, not the alpha-0 identity
 
 
 def test_nvfp4_blocks_use_fp8_scales_and_e2m1_values() -> None:

@@ -138,3 +138,4 @@ def test_infeasible_budget_names_the_minimum() -> None:
     with pytest.raises(AutoqError, match=rf"cheapest assignment needs {options.min_bits():.4f} bits"):
         solve(options, options.min_bits() - 0.01)
     assert solve(options, options.min_bits()).achieved_bits == pytest.approx(options.min_bits())
+
