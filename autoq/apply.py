@@ -180,7 +180,7 @@ def _as_exported(model: nn.Module) -> nn.Module:
 def modelopt_calibration_state(model: nn.Module, formats: dict[str, str], sample_ids: torch.Tensor) -> CalibrationState:
     """The calibration ModelOpt chose for ``formats`` in ``apply_plan``, as an ``autoq.calibstate``
     state: the streamed exporter given it writes what ``export_hf_checkpoint`` writes for ``model``
-    (``benchmarks/export_equality.py``, ``tests/test_export.py``).
+    (``tests/test_export.py``).
 
     Input amax: the per-channel amax AWQ smoothed with (``_amax_for_smoothing``), else the
     per-tensor one. AWQ: ``p = 1 / best_scale`` of awq_lite's search, as its postprocess applies it.

@@ -19,8 +19,8 @@ What ModelOpt's export does to the calibrated model, done here in the same arith
   ``process_layer_quant_config`` and ``convert_hf_quant_config_format`` (JSON only).
 
 Supported: dense models whose checkpoint names are the modules' own (``autoq.diskmodel``), on the
-CPU for every format and on CUDA when given. ``benchmarks/export_equality.py`` compares it with
-ModelOpt's export byte for byte; ``benchmarks/bench_export.py`` measures its memory on 8B shapes.
+CPU for every format and on CUDA when given. ``tests/test_export.py`` compares it with ModelOpt's
+export byte for byte; ``benchmarks/bench_export.py`` measures its memory and time against it.
 """
 
 from __future__ import annotations
