@@ -20,7 +20,6 @@ from autoq.errors import AutoqError
 from autoq.formats import FORMATS, Format
 
 
-
 def read_quant_config(checkpoint: Path) -> dict:
     """The ``quantization`` section of hf_quant_config.json (empty for an unquantized checkpoint)."""
     path = Path(checkpoint) / "hf_quant_config.json"

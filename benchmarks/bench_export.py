@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench_export"))
     parser.add_argument("--csv", type=Path, default=Path("reports/benchmarks/bench_export.csv"))
     parser.add_argument("--keep", action="store_true", help="keep the exported checkpoints")
+    parser.add_argument("--label", default=None, help="the model's name in the CSV (default: its directory's)")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -259,7 +260,7 @@ def main() -> None:
         print(f"model {model_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
         label = f"random Llama {args.random} shapes (bf16, seed 0)"
     else:
-        model_dir, label = args.model.resolve(), args.model.name
+        model_dir, label = args.model.resolve(), args.label or args.model.name
     plan = args.plan or mixed_plan(model_dir, args.work / f"plan-{model_dir.name}.json")
     from autoq.codec import read_headers
 
@@ -303,7 +304,7 @@ def main() -> None:
         result = compare(outputs["stream"], outputs["modelopt"], model_dir, 8, 256)
         result |= {"model": label, "plan": str(plan), "machine": machine()}
         print(json.dumps(result, indent=1))
-        target = args.csv.with_name(f"bench_export_compare_{model_dir.name}.json")
+        target = args.csv.with_name(f"bench_export_compare_{(args.label or model_dir.name).split()[0]}.json")
         target.write_text(json.dumps(result, indent=1) + "\n")
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     new = not args.csv.exists()
