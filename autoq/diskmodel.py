@@ -18,6 +18,8 @@ calibration state lacks, computed block by block with the scoring engine's own c
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,6 +65,25 @@ class DiskWeights:
                     tensors[key] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
                     check_finite(key, tensors[key])
         return tensors
+
+
+def release_freed_memory() -> None:
+    """Give the memory of freed tensors back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    Blocks read from disk come and go; glibc keeps freed heap memory for reuse, so without this the
+    resident size climbs by about a gigabyte over one pass of a 1.5B model (measured: 1.65 -> 2.78
+    GiB over the block-wise check, back to 1.63 after a trim)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: ctypes.CDLL | bool | None = None
 
 
 def check_finite(key: str, tensor: torch.Tensor) -> None:

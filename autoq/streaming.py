@@ -167,8 +167,11 @@ class BlockStreamer(HooksMixin):
 
     def leave(self, block: nn.Module) -> None:
         if self.weights is not None:
+            from autoq.diskmodel import release_freed_memory
+
             for _, tensor in self._tensors(block):
                 tensor.data = tensor.data.new_empty(0)
+            release_freed_memory()
             return
         cpu = self._cpu[block]
         for name, tensor in self._tensors(block):
