@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from autoq import fakequant
+from autoq.calibstate import CalibrationState
 from autoq.decoder import shared_input_readers
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
@@ -170,7 +171,8 @@ def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Te
             return _as_exported(model)
         rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
         originals = {n: copy.deepcopy(model.get_submodule(n)).cpu() for n in awq} if rest_quant_cfg else {}
-        awq_config = {**modelopt_config(awq), "algorithm": {"method": "awq_lite", "alpha_step": 0.1}}
+        # debug: awq_lite keeps its per-layer search results (module.awq_lite), read by modelopt_calibration_state
+        awq_config = {**modelopt_config(awq), "algorithm": {"method": "awq_lite", "alpha_step": 0.1, "debug": True}}
         mtq.quantize(model, awq_config, _forward_loop(batches, device, "calibrating (AWQ)", progress))
         if rest_quant_cfg:
             mtq.set_quantizer_by_cfg(model, rest_quant_cfg)
@@ -204,6 +206,40 @@ def _as_exported(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         requantize_resmooth_fused_llm_layers(model)
     return model
+
+
+def modelopt_calibration_state(model: nn.Module, formats: dict[str, str], sample_ids: torch.Tensor) -> CalibrationState:
+    """The calibration ModelOpt chose for ``formats`` in ``apply_plan``, as an ``autoq.calibstate``
+    state: the streamed exporter given it writes what ``export_hf_checkpoint`` writes for ``model``
+    (``tests/test_export.py``).
+
+    Input amax: the per-channel amax AWQ smoothed with (``_amax_for_smoothing``), else the
+    per-tensor one. AWQ: ``p = 1 / best_scale`` of awq_lite's search, as its postprocess applies it.
+    """
+    from autoq.calibstate import LayerCalibration, is_norm, norm_uses_weight_plus_one
+    from autoq.decoder import SharedInputReaders
+
+    modules = dict(model.named_modules())
+    norms = {name: module for name, module in modules.items() if is_norm(module)}
+    readers = SharedInputReaders({name: modules[name] for name in formats}, norms)
+    with readers.observing(), torch.no_grad(), modelopt_quietly():
+        model(input_ids=sample_ids, use_cache=False)
+    shared, input_norms = readers.result(), readers.input_norms()
+    layers = {}
+    for name in formats:
+        module, fmt = modules[name], FORMATS[formats[name]]
+        quantizer = getattr(module, "input_quantizer", None)
+        amax = getattr(quantizer, "_amax_for_smoothing", None)
+        if amax is None and fmt.activation is not None and quantizer.amax is not None:
+            amax = quantizer.amax.reshape(-1)
+        layer = LayerCalibration(None if amax is None else amax.detach().float().cpu(), shared[name], input_norms[name])
+        helper = getattr(module, "awq_lite", None)
+        if fmt.awq and helper is not None and helper.best_scale is not None:
+            layer.pre_quant_scale[fmt.name] = (1.0 / helper.best_scale.float()).detach().cpu()
+            layer.alpha[fmt.name] = float(helper.best_alpha)
+        layers[name] = layer
+    used = {norm for norm in input_norms.values() if norm}
+    return CalibrationState(layers, {n: norm_uses_weight_plus_one(norms[n]) for n in used}, {"calibrated_by": "modelopt awq_lite/max"})
 
 
 def exported_layer_formats(model: nn.Module, formats: dict[str, str]) -> dict[str, str]:

@@ -43,8 +43,9 @@ def smoothing_scale(act_scale: torch.Tensor, w_scale: torch.Tensor, alpha: float
 def search_pre_quant_scale(
     fmt: Format, weight: torch.Tensor, act_scale: torch.Tensor, x_sample: torch.Tensor,
     sum_losses: LossReduction = this_process, *, batch_elements: int = 0,
-) -> torch.Tensor:
-    """The AWQ ``pre_quant_scale`` (= 1/s, float32) minimising output MSE on ``x_sample``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AWQ ``pre_quant_scale`` (= 1/s, float32) minimising output MSE on ``x_sample``, and the
+    alpha it was made with (a 0-d tensor on the weight's device: reading it is the caller's sync).
 
     ``act_scale`` is the mean |x| per input channel over all calibration tokens; ``x_sample``
     is ``[tokens, in_features]`` in the model dtype. The loss is the squared error summed in
@@ -64,4 +65,5 @@ def search_pre_quant_scale(
             losses.append((out - reference).float().pow(2).sum(dtype=torch.float64))
     # argmin returns the first minimum: ties keep the smaller alpha, like ModelOpt's min().
     best = sum_losses(torch.stack(losses)).nan_to_num(nan=float("inf")).argmin().reshape(1)
-    return candidates.index_select(0, best)[0]
+    alphas = torch.tensor(ALPHAS, device=best.device)
+    return candidates.index_select(0, best)[0], alphas.index_select(0, best)[0]

@@ -56,6 +56,7 @@ class ScoreCache:
             s.shared_input = shared_input
             prefix = f"{name}:pre_quant_scale:"
             s.pre_quant_scale = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            s.alpha = {k.rpartition(":")[2]: v.reshape(()) for k, v in tensors.items() if k.startswith(f"{name}:alpha:")}
             stats[name] = s
         return stats, meta.get("layout", {})
 
@@ -68,6 +69,8 @@ class ScoreCache:
             tensors[f"{name}:act_scale"] = s.act_scale
             for fmt, scale in s.pre_quant_scale.items():
                 tensors[f"{name}:pre_quant_scale:{fmt}"] = scale
+            for fmt, alpha in s.alpha.items():
+                tensors[f"{name}:alpha:{fmt}"] = alpha.reshape(1).float()
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         meta = {"shared_input": {name: s.shared_input for name, s in stats.items()}, "layout": layout}
         _atomic_write(self.dir / "stats.safetensors", lambda p: save_file(cpu, str(p)))

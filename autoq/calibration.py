@@ -40,6 +40,7 @@ class LayerStats:
     awq_samples: list[torch.Tensor] = field(default_factory=list)
     shared_input: str | None = None  # first layer reading the same input (itself if none)
     pre_quant_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # per AWQ format
+    alpha: dict[str, torch.Tensor] = field(default_factory=dict)  # per AWQ format: the grid point chosen (0-d)
 
     @property
     def act_scale(self) -> torch.Tensor:
@@ -95,7 +96,7 @@ class StatsCollector(HooksMixin):
             sample = torch.cat(s.awq_samples)
             for fmt in target.formats:
                 if fmt.awq:
-                    s.pre_quant_scale[fmt.name] = awq.search_pre_quant_scale(
+                    s.pre_quant_scale[fmt.name], s.alpha[fmt.name] = awq.search_pre_quant_scale(
                         fmt, target.weight, s.act_scale, sample, sum_losses, batch_elements=batch_elements
                     )
             s.awq_samples.clear()

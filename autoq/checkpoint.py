@@ -15,13 +15,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from autoq import fakequant
-from autoq.codec import dequantize_weight, read_headers, read_layer_tensors
+from autoq.codec import ACTIVATION_LARGEST_CODE, dequantize_weight, read_headers, read_layer_tensors
 from autoq.errors import AutoqError
 from autoq.formats import FORMATS, Format
-
-# input_scale = amax / (largest code of the activation grid): FP8 448, NVFP4 6 * 448.
-_ACTIVATION_SCALE_TO_AMAX = {"fp8": fakequant.FP8_E4M3_MAX, "nvfp4": fakequant.FP4_E2M1_MAX * fakequant.FP8_E4M3_MAX}
 
 
 def read_quant_config(checkpoint: Path) -> dict:
@@ -77,7 +73,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
         amax = None
         if fmt.activation is not None:
-            amax = tensors["input_scale"].float().reshape(1) * _ACTIVATION_SCALE_TO_AMAX[fmt.activation]
+            amax = tensors["input_scale"].float().reshape(1) * ACTIVATION_LARGEST_CODE[fmt.activation]
         self.register_buffer("input_amax", amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,8 @@ def _add_workload_args(parser: argparse.ArgumentParser, calibration_per_device: 
 def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=["fisher", "kl"], default="fisher",
                         help="fisher: LM loss on the calibration text; kl: label-free, tokens sampled from the model")  # fmt: skip
-    parser.add_argument("--stream-blocks", action="store_true", help="keep decoder blocks on CPU, one at a time on the GPU")
+    parser.add_argument("--stream-blocks", action="store_true",
+                        help="read decoder blocks from the safetensors files one at a time (memory-mapped) instead of holding the model")  # fmt: skip
     parser.add_argument("--chunk-steps", type=_positive_int, default=None,
                         help="steps (of about 8k tokens) per scoring pass, the unit of resume (default: from memory)")  # fmt: skip
     parser.add_argument("--tokens-per-step", type=_positive_int, default=None,
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_args(search)
     search.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default: {DEFAULT_OUT})")
     search.add_argument("--export", type=Path, default=None, help="also apply the plan and export a checkpoint here")
+    _add_engine_arg(search)
     search.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     search.add_argument("--gpus", type=_positive_int, default=None,
                         help="score on N GPUs of this host, one process each (torchrun); with --device cpu, N CPU processes")  # fmt: skip
@@ -123,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(refine, trials=100)
     refine.set_defaults(func=cmd_refine)
 
-    apply = commands.add_parser("apply", help="apply a plan with ModelOpt, calibrate, export a unified HF checkpoint")
+    apply = commands.add_parser("apply", help="apply a plan and export a unified HF checkpoint (streamed file to file, or with ModelOpt)")
     apply.add_argument("plan", type=Path, help="plan.json (from autoq search, or written by hand)")
     _add_workload_args(apply)
     apply.add_argument("--export", type=Path, required=True, help="checkpoint output directory")
+    _add_engine_arg(apply)
+    apply.add_argument("--cache-dir", type=Path, default=None,
+                       help="score cache holding the search's calibration state (default: $AUTOQ_CACHE or ~/.cache/autoq)")  # fmt: skip
     apply.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     apply.add_argument("--no-progress", action="store_true", help="no progress bars")
     apply.set_defaults(func=cmd_apply)
@@ -183,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--runtime", choices=["vllm"], default=None, help="also check a runtime's loader accepts it")
     verify.set_defaults(func=cmd_verify)
     return parser
+
+
+def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["auto", "stream", "modelopt"], default="auto",
+                        help="stream: read, quantize and write the checkpoint shard by shard from the search's calibration "
+                             "state (bounded memory); modelopt: load the model, calibrate with ModelOpt, export_hf_checkpoint; "
+                             "auto (default): stream wherever it applies (dense models), else modelopt")  # fmt: skip
 
 
 def _add_study_args(parser: argparse.ArgumentParser, trials: int) -> None:
@@ -265,7 +277,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         pipeline.write_search_outputs(staged[0], scores, plans, curve, summary)
         if args.export is not None:
             report = pipeline.export_plan(work, plans[0], args.dtype, device, args.stream_blocks, args.batch_size, staged[1],
-                                          progress=not args.no_progress)  # fmt: skip
+                                          progress=not args.no_progress, engine=args.engine, cache_dir=args.cache_dir)  # fmt: skip
     pipeline.log(f"wrote {args.out}/ (scores, {len(plans)} plan(s), frontier.csv, search.json)")
     if args.export is not None:
         pipeline.log(f"exported and verified {args.export}/ ({report.effective_bits:.3f} bits per searched weight as stored)")
@@ -337,7 +349,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     pipeline.preflight_outputs((args.export, args.overwrite))
     plan = load_plan(args.plan)
     report = pipeline.apply_and_export(plan, args.model, args.calib, args.calib_samples, args.seq_len, args.dtype, device,
-                                       args.batch_size, args.export, args.overwrite, progress=not args.no_progress)  # fmt: skip
+                                       args.batch_size, args.export, args.overwrite, progress=not args.no_progress,
+                                       engine=args.engine, cache_dir=args.cache_dir)  # fmt: skip
     pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
                  f"{report.effective_bits:.3f} bits per planned weight as stored)")  # fmt: skip
     return 0

@@ -11,12 +11,13 @@ turns those back into the float weight a runtime computes with (codes times stor
   the low nibble, 2r+1 in the high one) times the per-group-of-128 FP32 ``weight_scale``. W4A8
   then re-expresses the values on the per-tensor FP8 grid whose scale is ``weight_scale_2``.
 
-``encode`` computes exactly the codes of ``Format.quantize_weight`` and stores as scales the very
-multipliers it applies, so FP8 and NVFP4 decode to its result bit for bit, and so does W4A8 (whose
-FP8 stage absorbs the INT4 rounding below). INT4 fake quantization divides each code by a float32
-scale (as ModelOpt's does) while a checkpoint can only hold a multiplier, and no float32 multiplier
-reproduces every code's quotient (for 64% of random groups some code lands one float32 ulp away):
-INT4_AWQ decodes to the same codes, within one float32 ulp, which bfloat16 weights round away.
+``encode`` stores the scales exactly as ModelOpt 0.47's exporter computes them (``amax`` divided by
+the largest code; a zero amax gives scale 1) and the codes nearest ``W / scale`` in float32: the
+grid a runtime computes on. That is the exporter's arithmetic byte for byte, except that its FP8
+path divides in the model dtype (bfloat16) before casting, rounding twice; autoq rounds once.
+Fake quantization (``Format.quantize_weight``) multiplies by the reciprocal scale instead, so
+``decode(encode(W))`` equals it except where ``W / scale`` and ``W * (1 / scale)`` fall on two sides
+of a rounding boundary (tests/test_codec.py measures how rarely).
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ def _tensor_amax(weight: torch.Tensor, tensor_amax: torch.Tensor | None) -> torc
     return (weight.abs().amax() if tensor_amax is None else tensor_amax).float()
 
 
+def stored_scale(amax: torch.Tensor, largest_code: float) -> torch.Tensor:
+    """``amax / largest_code`` in float32, as ModelOpt's exporter stores scales; a zero amax (an
+    all-zero tensor or group) gives 1, as ModelOpt's ``export_amax`` makes it."""
+    amax = amax.float()
+    return torch.where(amax == 0, torch.full_like(amax, largest_code), amax) / largest_code
+
+
+def input_scale(fmt: Format, amax: torch.Tensor) -> torch.Tensor:
+    """The stored ``input_scale`` of a layer whose calibrated input amax is ``amax`` (FP8: amax / 448,
+    NVFP4: amax / (6 * 448))."""
+    return stored_scale(amax.reshape(()), ACTIVATION_LARGEST_CODE[fmt.activation])
+
+
+# Largest code of each activation grid: input_scale = amax / it.
+ACTIVATION_LARGEST_CODE = {"fp8": fakequant.FP8_E4M3_MAX, "nvfp4": fakequant.FP4_E2M1_MAX * fakequant.FP8_E4M3_MAX}
+
+
 class WeightCodec(ABC):
     """The stored form of one weight format in a unified HF checkpoint."""
 
@@ -123,8 +141,11 @@ class WeightCodec(ABC):
 
 class FP8Codec(WeightCodec):
     def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        scale, codes = fakequant.fp8_e4m3_codes(weight, _tensor_amax(weight, tensor_amax))
-        return {"weight": codes, "weight_scale": 1.0 / scale}  # the multiplier fake quantization applies
+        # ModelOpt: torch.tensor(amax.item() / 448), the quotient taken in double and rounded once to float32.
+        amax = _tensor_amax(weight, tensor_amax).double()
+        scale = stored_scale(amax, fakequant.FP8_E4M3_MAX).float()
+        codes = (weight.float() / scale).clamp(-fakequant.FP8_E4M3_MAX, fakequant.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return {"weight": codes, "weight_scale": scale}
 
     def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (stored["weight"].float() * stored["weight_scale"].float()).to(dtype)
@@ -136,11 +157,14 @@ class NVFP4Codec(WeightCodec):
 
     def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out_features, in_features = weight.shape
-        amax = _tensor_amax(weight, tensor_amax)
-        block_scale, global_scale = fakequant.nvfp4_stored_scales(weight, amax, self.block)
-        scales = fakequant.nvfp4_block_scales(weight, amax, self.block)
+        global_scale = stored_scale(_tensor_amax(weight, tensor_amax), fakequant.FP4_E2M1_MAX * fakequant.FP8_E4M3_MAX)
         blocks = weight.float().reshape(out_features, in_features // self.block, self.block)
-        magnitude = fakequant.round_to_e2m1(blocks.abs() / scales).reshape(out_features, in_features)
+        # ModelOpt's NVFP4QTensor: block amax / (6 * global scale), zero -> 1, clamped to E4M3's [2^-9, 448].
+        block_scale = blocks.abs().amax(-1) / (fakequant.FP4_E2M1_MAX * global_scale)
+        block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
+        block_scale = block_scale.clamp(min=2.0**-9, max=fakequant.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        scaled = blocks / (block_scale.float() * global_scale).unsqueeze(-1)
+        magnitude = fakequant.round_to_e2m1(scaled.abs()).reshape(out_features, in_features)
         codes = torch.searchsorted(E2M1_VALUES[:8].to(weight.device), magnitude).to(torch.uint8)
         codes |= (weight.float() < 0).to(torch.uint8) << 3
         packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -162,15 +186,16 @@ class INT4Codec(WeightCodec):
         self.block, self.fp8_stage = block, fp8_stage
 
     def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        scale, codes = fakequant.int_block_codes(weight, fakequant.int_block_amax(weight, self.block), 4, self.block)
-        codes = (codes.reshape(weight.shape).to(torch.int16) & 0x0F).to(torch.uint8)
-        stored = {
-            "weight": codes[0::2] | (codes[1::2] << 4),
-            "weight_scale": (1.0 / scale.double()).float().squeeze(-1),  # nearest float32 to the quotient's divisor
-        }
+        out_features, in_features = weight.shape
+        if in_features % self.block:
+            raise ValueError(f"INT4 needs in_features ({in_features}) divisible by {self.block}")
+        scale = stored_scale(fakequant.int_block_amax(weight, self.block), 7.0)  # (out, groups, 1)
+        blocks = weight.float().reshape(out_features, in_features // self.block, self.block)
+        codes = (blocks / scale).round().clamp(-8, 7).reshape(weight.shape)
+        codes = (codes.to(torch.int16) & 0x0F).to(torch.uint8)
+        stored = {"weight": codes[0::2] | (codes[1::2] << 4), "weight_scale": scale.squeeze(-1)}
         if self.fp8_stage:
-            fp8_scale, _ = fakequant.fp8_e4m3_codes(weight, _tensor_amax(weight, tensor_amax))
-            stored["weight_scale_2"] = 1.0 / fp8_scale
+            stored["weight_scale_2"] = stored_scale(_tensor_amax(weight, tensor_amax), fakequant.FP8_E4M3_MAX)
         return stored
 
     def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from autoq.calibstate import is_norm, norm_uses_weight_plus_one
 from autoq.errors import AutoqError
 from autoq.hooks import HooksMixin
 
@@ -124,6 +125,8 @@ class DecoderStructure(HooksMixin):
         if not isinstance(self.lm_head, nn.Linear):
             raise AutoqError(f"{self.name}: has no linear output embedding (lm_head)")
         self.lm_head_name = names[self.lm_head]
+        self.input_norms: dict[str, str | None] = {}  # filled by check_blockwise
+        self.norms: dict[str, bool] = {}
 
     def block_index(self, layer_name: str) -> int | None:
         """Index of the decoder block holding ``layer_name``; None for the head."""
@@ -209,9 +212,13 @@ class DecoderStructure(HooksMixin):
         share an input (``SharedInputReaders``); then the captured block inputs are replayed
         block by block and the head code run on the result. Passes if the largest logit
         difference is at most ``tolerance`` times the largest reference logit. Returns the
-        shared-input readers of ``layers`` (name -> module called with the layer's input).
+        shared-input readers of ``layers`` (name -> module called with the layer's input), and
+        records in ``input_norms`` which normalisation module (if any) produced each one's input
+        and in ``norms`` whether each such norm computes with ``1 + weight`` (the calibration state
+        keeps both: the exporter folds AWQ pre-scales into those norms).
         """
-        readers = SharedInputReaders(layers)
+        norms = {name: module for name, module in self.model.named_modules() if is_norm(module)}
+        readers = SharedInputReaders(layers, norms)
         with readers.observing():
             reference = self.model(input_ids=input_ids, use_cache=False).logits
         hidden, calls = self.embed(input_ids)
@@ -230,6 +237,8 @@ class DecoderStructure(HooksMixin):
                 f"(max difference {error:.3g} against a largest logit of {scale:.3g}, at {input_ids.shape[1]} tokens); "
                 "this architecture is not supported by block-wise scoring"
             )
+        self.input_norms = readers.input_norms()
+        self.norms = {name: norm_uses_weight_plus_one(norms[name]) for name in set(self.input_norms.values()) if name}
         return readers.result()
 
 
@@ -241,25 +250,39 @@ class SharedInputReaders(HooksMixin):
     inside ``observing``.
     """
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, nn.Module], norms: dict[str, nn.Module] | None = None):
         self.layers = layers
+        self.norms = norms or {}  # also noted: which of these produced each layer's input
         # id(tensor) -> (tensor, first reader); holding the tensor keeps its id from being reused.
         self._first_reader: dict[int, tuple[torch.Tensor, str]] = {}
         self._readers: dict[str, str] = {}
+        self._norm_outputs: dict[int, tuple[torch.Tensor, str]] = {}
+        self._input_norms: dict[str, str | None] = {}
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[None]:
         with self.hooks_attached():
             for name, module in self.layers.items():
                 self.register_hook(module, functools.partial(self._observe, name), "forward_pre")
+            for name, module in self.norms.items():
+                self.register_hook(module, functools.partial(self._observe_norm, name), "forward")
             yield
 
     def _observe(self, name: str, _module: nn.Module, args: tuple) -> None:
         if name not in self._readers:
             self._readers[name] = self._first_reader.setdefault(id(args[0]), (args[0], name))[1]
+            self._input_norms[name] = self._norm_outputs.get(id(args[0]), (None, None))[1]
+
+    def _observe_norm(self, name: str, _module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        if isinstance(output, torch.Tensor):
+            self._norm_outputs[id(output)] = (output, name)
 
     def result(self) -> dict[str, str]:
         return {name: self._readers.get(name, name) for name in self.layers}
+
+    def input_norms(self) -> dict[str, str | None]:
+        """Each layer's input producer among ``norms`` (None: not a norm's output)."""
+        return {name: self._input_norms.get(name) for name in self.layers}
 
 
 def shared_input_readers(model: nn.Module, layer_names: list[str], input_ids: torch.Tensor) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import sys
@@ -35,17 +36,41 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise AutoqError(f"output directory {path} already exists (pass --overwrite to replace it)")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Delete the temporary siblings of ``path`` that a killed run left (named ``.<name>.<pid>.*.partial``,
+    their process gone), saying so: a run that was killed leaves no output, only these."""
+    for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*.partial"):
+        pid = tmp.name[len(Path(path).name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        log(f"removed {tmp}, the partial output of an interrupted run (process {pid} is gone)")
+
+
 @contextlib.contextmanager
 def _staged(paths: list[Path], directory: bool) -> Iterator[list[Path]]:
-    """Temporary siblings of ``paths`` that replace them only if the block succeeds, else vanish."""
+    """Temporary siblings of ``paths`` that replace them only if the block succeeds, else vanish.
+    Their names carry this process's id, so a later run can tell one a killed run left behind."""
     staged: list[Path] = []
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(path)
+            prefix = f".{path.name}.{os.getpid()}."
             if directory:
-                staged.append(Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)))
+                staged.append(Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=path.parent)))
             else:
-                handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+                handle, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=path.parent)
                 os.close(handle)
                 staged.append(Path(name))
         yield staged

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from torch.profiler import record_function
 
 from autoq.decoder import BlockCall, DecoderStructure
 from autoq.streaming import BlockStreamer
+
+if TYPE_CHECKING:
+    from autoq.diskmodel import DiskWeights
 
 # A context manager around one block's pass over all steps; what it yields, if callable, is
 # called after each step (the score hooks drop that step's quantized inputs).
@@ -32,12 +36,17 @@ def _no_hooks(_index: int) -> contextlib.AbstractContextManager:
 class BlockExecutor:
     """Runs ``structure``'s blocks on ``device``; block inputs are kept on ``store_device``."""
 
-    def __init__(self, structure: DecoderStructure, device: torch.device, store_device: torch.device, stream_blocks: bool):
+    def __init__(
+        self, structure: DecoderStructure, device: torch.device, store_device: torch.device, stream_blocks: bool,
+        weights: DiskWeights | None = None,
+    ):  # fmt: skip
+        """``weights``: the blocks are empty (``autoq.diskmodel.load_skeleton``) and streamed from these files."""
         self.structure = structure
+        self.weights = weights
         self.model = structure.model
         self.device = device
         self.store_device = store_device
-        self.stream_blocks = stream_blocks
+        self.stream_blocks = stream_blocks or weights is not None
         self.streamer: BlockStreamer | None = None
         self._calls: dict[tuple[int, ...], list[BlockCall]] = {}  # per step shape
         self.peak_stored_bytes = 0  # most bytes of block inputs held on ``store_device`` by ``forward``
@@ -48,7 +57,7 @@ class BlockExecutor:
         stay in CPU memory and come to the device one at a time."""
         if self.stream_blocks:
             s = self.structure
-            self.streamer = BlockStreamer(self.model, s.layers, s.layer_prefix, self.device)
+            self.streamer = BlockStreamer(self.model, s.layers, s.layer_prefix, self.device, self.weights)
         else:
             self.model.to(self.device)
         try:

@@ -121,10 +121,47 @@ def model_for_apply(work: Workload, dtype: str, device: str, stream_blocks: bool
     return model
 
 
+ENGINES = ("auto", "stream", "modelopt")
+
+
+def choose_engine(requested: str, source: ModelSource, formats: dict[str, str], dtype: str) -> str:
+    """The export engine: ``stream`` (``autoq.export``) or ``modelopt`` (``autoq.apply``).
+
+    ``auto`` streams whenever the streamed export applies (dense models whose checkpoint stores
+    every tensor under the module's own name, plans over nn.Linear layers) and says why not
+    otherwise. Bad input (a shard missing, a shape config.json contradicts) is an error either way.
+    """
+    from autoq.export import unsupported_reason
+
+    if requested == "modelopt":
+        return "modelopt"
+    reason = unsupported_reason(source.path, formats, dtype)
+    if reason is None:
+        return "stream"
+    if requested == "stream":
+        raise AutoqError(f"--engine stream cannot export this: {reason} (use --engine modelopt)")
+    log(f"exporting with ModelOpt (the model in memory): {reason}")
+    return "modelopt"
+
+
+def _streamed_state(plan: Plan, source: ModelSource, calibration: TokenData, dtype: str, device: str, batch_size: int,
+                    cache_dir: Path | None, progress: bool):  # fmt: skip
+    """The plan's calibration state: its search's, completed by one streamed pass (``autoq.streamcalib``)."""
+    from autoq.streamcalib import complete_state, state_for_plan, state_source
+
+    state = state_for_plan(plan, Path(cache_dir) if cache_dir else cache_root(), state_source(source, dtype, calibration))
+    return complete_state(state, plan.formats(), source, calibration, dtype, device, batch_size, progress)
+
+
 def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_blocks: bool, batch_size: int, directory: Path,
-                progress: bool = True) -> VerifyReport:  # fmt: skip
-    """Apply ``plan`` to the workload's model (calibrated on its calibration tokens) and write the
-    verified checkpoint into the empty ``directory``."""
+                progress: bool = True, engine: str = "auto", cache_dir: Path | None = None) -> VerifyReport:  # fmt: skip
+    """Apply ``plan`` to the workload's model and write the verified checkpoint into the empty
+    ``directory``: streamed from the search's calibration state, or with ModelOpt (calibrated again)."""
+    if choose_engine(engine, work.source, plan.formats(), dtype) == "stream":
+        from autoq.export import StreamedExport
+
+        state = _streamed_state(plan, work.source, work.calibration, dtype, device, batch_size, cache_dir, progress)
+        return StreamedExport(work.source.path, plan, state, dtype, device).write(directory, work.tokenizer, progress=progress)
     model = model_for_apply(work, dtype, device, stream_blocks)
     apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress)
     work.model = None  # ModelOpt packed its weights in place
@@ -133,11 +170,16 @@ def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_bloc
 
 def apply_and_export(
     plan: Plan, model: str | None, calib: str, samples: int, seq_len: int, dtype: str, device: str, batch_size: int,
-    export: Path, overwrite: bool = False, progress: bool = True,
+    export: Path, overwrite: bool = False, progress: bool = True, engine: str = "auto", cache_dir: Path | None = None,
 ) -> VerifyReport:  # fmt: skip
-    """``autoq apply``: a plan applied to a model, calibrated, exported and verified, all or nothing."""
+    """``autoq apply``: a plan applied to a model, exported and verified, all or nothing."""
     check_output_dir(Path(export), overwrite)
     source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
+    if choose_engine(engine, source, plan.formats(), dtype) == "stream":
+        from autoq.export import stream_export
+
+        state = _streamed_state(plan, source, calibration, dtype, device, batch_size, cache_dir, progress)
+        return stream_export(source.path, plan, state, Path(export), tokenizer, overwrite, dtype, device, progress=progress)
     loaded = load_model(source, dtype=dtype, device=device)
     apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress)
     return export_checkpoint(loaded, tokenizer, plan, Path(export), overwrite)
@@ -173,14 +215,36 @@ def score(work: Workload, options: ScoringOptions, dtype: str = "bfloat16", cach
     load_seconds = 0.0
     if table is None:
         device = options.device or default_device()
-        model = ensure_model(work, dtype, "cpu" if options.stream_blocks else device)
+        model, weights = _model_for_scoring(work, dtype, device, options.stream_blocks)
         load_seconds = time.perf_counter() - start
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        table = SensitivityEngine(model, work.choices, options, cache).run(work.calibration.batches(options.batch_size))
+        engine = SensitivityEngine(model, work.choices, options, cache, weights)
+        table = engine.run(work.calibration.batches(options.batch_size))
+        if parallel.is_main and engine.stats:  # what exporting any plan over these layers needs (autoq.calibstate)
+            from autoq.calibstate import CalibrationState
+            from autoq.streamcalib import state_source
+
+            s = engine.structure
+            CalibrationState.from_stats(engine.stats, s.input_norms, s.norms, state_source(work.source, dtype, work.calibration)).save(cache.dir)
     seconds = time.perf_counter() - start
     per_rank = parallel.gather(peak_memory(), "reporting peak memory")
     return ScoreResult(assign_groups(table, work.space), cache, from_cache, seconds, per_rank[parallel.rank], load_seconds, per_rank)
+
+
+def _model_for_scoring(work: Workload, dtype: str, device: str, stream_blocks: bool):
+    """The model to score, and with ``stream_blocks`` the files its blocks are read from: a skeleton
+    whose decoder blocks stay on disk (``autoq.diskmodel``), or, for a checkpoint that does not
+    store the modules' own tensors, the whole model in CPU memory (streamed from there)."""
+    if stream_blocks:
+        from autoq.diskmodel import DiskLoadUnsupported, load_skeleton
+        from autoq.model import DTYPES
+
+        try:
+            return load_skeleton(work.source.path, DTYPES[dtype])
+        except DiskLoadUnsupported as err:
+            log(f"--stream-blocks: {err}; loading the whole model into CPU memory instead")
+    return ensure_model(work, dtype, "cpu" if stream_blocks else device), None
 
 
 def _format_fingerprint(name: str) -> str:
@@ -208,7 +272,7 @@ def make_plans(work: Workload, scores: ScoreResult, budgets: list[float], object
                 scores.table, solution.choice, budget_bits=budget, total_params=work.total_params,
                 model=work.model_info(),
                 search_space={"name": work.space.name, "formats": list(work.space.formats), "sha256": work.space.fingerprint},
-                objective=objective, calibration=work.calibration.describe(),
+                objective=objective, calibration={**work.calibration.describe(), "state_key": scores.cache.key},
             )
         )  # fmt: skip
     low, high = options.min_bits(), options.max_bits()
@@ -239,6 +303,7 @@ def run_summary(work: Workload, scores: ScoreResult, options: ScoringOptions, pl
         "objective": options.objective,
         "scores_from_cache": scores.from_cache,
         "cache_key": scores.cache.key,
+        "calibration_state": str(scores.cache.dir),  # autoq.calibstate, read by `autoq apply --engine stream`
         "scoring_seconds": round(scores.seconds, 3),
         "model_load_seconds": round(scores.load_seconds, 3),
         "peak_memory": scores.peak_memory,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -50,6 +50,9 @@ from autoq.formats import FORMATS
 from autoq.scoring import ScoreHooks
 from autoq.search_space import LayerChoice
 from autoq.targets import Target, build_targets, by_block
+
+if TYPE_CHECKING:
+    from autoq.diskmodel import DiskWeights
 
 ENGINE_VERSION = 2  # 2: block arguments captured from the model's own forward
 SCORE_COLUMNS = ["layer", "block", "format", "score", "params", "bits", "shared_input"]
@@ -157,19 +160,24 @@ def _chunk_plan(steps: int, chunk_size: int, finished: dict[int, tuple[int, Any]
 class SensitivityEngine:
     """Scores the layers in ``choices`` of ``model`` for all their candidate formats."""
 
-    def __init__(self, model: nn.Module, choices: list[LayerChoice], options: ScoringOptions, cache: ScoreCache | None = None):
+    def __init__(
+        self, model: nn.Module, choices: list[LayerChoice], options: ScoringOptions, cache: ScoreCache | None = None,
+        weights: DiskWeights | None = None,
+    ):  # fmt: skip
+        """``weights``: ``model`` is a skeleton whose blocks are read from these files (``autoq.diskmodel``)."""
         self.model = model
         self.options = options
         self.cache = cache
         self.structure = DecoderStructure(model)
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.store_device = torch.device("cpu") if options.store_on_cpu else self.device
-        self.executor = BlockExecutor(self.structure, self.device, self.store_device, options.stream_blocks)
+        self.executor = BlockExecutor(self.structure, self.device, self.store_device, options.stream_blocks, weights)
         self.targets = build_targets(model, self.structure, choices)
         self.by_block = by_block(self.targets)
         self.routing = ExpertRouting([t.module for t in self.targets if t.fused_experts])
         self.parallel = distributed.current()  # data-parallel: this process's rank (0 of 1 alone)
         self.sizes = EngineSizes.resolve(options, self.device)
+        self.stats: dict[str, LayerStats] = {}  # calibration statistics, once run (the calibration state's)
 
     def run(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         """Score table (``SCORE_COLUMNS``), from the cache when this exact work was done before."""
@@ -182,6 +190,16 @@ class SensitivityEngine:
             self.cache.save_table(table)
         return table
 
+    def calibrate(self, token_batches: list[torch.Tensor]) -> dict[str, LayerStats]:
+        """Pass 1 alone: the targets' calibration statistics, no scores (``autoq.streamcalib``)."""
+        self.executor.freeze_parameters()
+        with self.executor.placed(), self.routing.attached():
+            readers = self.executor.check_blockwise(token_batches[0][:1], {t.name: t.module for t in self.targets})
+            steps, _ = make_steps(token_batches, batches_per_step(token_batches, self.sizes.tokens_per_step))
+            _, stored_steps = self._memory_plan(steps)
+            self.stats, _ = self._calibrate(steps, self.parallel.own_steps(len(steps)), readers, 0, stored_steps)
+        return self.stats
+
     def _scores(self, token_batches: list[torch.Tensor]) -> pd.DataFrame:
         readers = self.executor.check_blockwise(token_batches[0][:1], {t.name: t.module for t in self.targets})
         per_step = batches_per_step(token_batches, self.sizes.tokens_per_step)
@@ -190,6 +208,7 @@ class SensitivityEngine:
         chunk_size, stored_steps = self._memory_plan(steps)
         mine = self.parallel.own_steps(len(steps))  # data-parallel: this rank's steps (all, alone)
         stats, first_chunk_inputs = self._load_or_calibrate(steps, mine, readers, chunk_size, stored_steps, layout)
+        self.stats = stats
         finished = self.cache.load_chunks() if self.cache is not None else {}
         plan = _chunk_plan(len(steps), chunk_size, finished)
         done = sum(end - first for first, end in plan if first in finished)

@@ -108,9 +108,11 @@ def test_search_export_failure_leaves_neither_output(
 ) -> None:
     """--out and --export appear together or not at all: here the export fails its verification."""
     import autoq.apply
+    import autoq.export
     from autoq.verify import VerifyReport
 
-    monkeypatch.setattr(autoq.apply, "verify_checkpoint", lambda *a, **k: VerifyReport(problems=["simulated damage"]))
+    for engine in (autoq.apply, autoq.export):  # either engine's export
+        monkeypatch.setattr(engine, "verify_checkpoint", lambda *a, **k: VerifyReport(problems=["simulated damage"]))
     out, checkpoint = tmp_path / "run", tmp_path / "ckpt"
     assert _search(tiny_llama, out, "--bits", "4.8", "--export", str(checkpoint)) == 2
     assert "autoq: error: exported checkpoint failed verification: simulated damage" in capsys.readouterr().err

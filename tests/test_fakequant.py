@@ -107,9 +107,9 @@ def test_awq_grid_batched_picks_the_same_scale() -> None:
     weight = (torch.randn(96, 384) * torch.rand(384) * 0.1).to(torch.bfloat16)
     x = (torch.randn(256, 384) * torch.rand(384) * 4).to(torch.bfloat16)
     act_scale = x.float().abs().mean(0)
-    one_by_one = awq.search_pre_quant_scale(FORMATS["W4A8"], weight, act_scale, x, batch_elements=0)
-    batched = awq.search_pre_quant_scale(FORMATS["W4A8"], weight, act_scale, x, batch_elements=1 << 26)
-    assert torch.equal(one_by_one, batched)
+    one_by_one, alpha = awq.search_pre_quant_scale(FORMATS["W4A8"], weight, act_scale, x, batch_elements=0)
+    batched, batched_alpha = awq.search_pre_quant_scale(FORMATS["W4A8"], weight, act_scale, x, batch_elements=1 << 26)
+    assert torch.equal(one_by_one, batched) and alpha == batched_alpha
     assert one_by_one.std() > 0  # a real choice was made, not the alpha-0 identity
 
 
