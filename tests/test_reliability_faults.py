@@ -216,11 +216,18 @@ def test_the_cli_process_turns_a_file_size_limit_into_one_error(tiny_llama: Path
     assert not out.exists() and partials(tmp_path) == []
 
 
+LOCK_PAUSE = 4.0
+
+
 def test_two_searches_on_one_cache_at_once(tiny_llama: Path, space: Path, reference: Path, tmp_path: Path) -> None:
     """Started on one line: one scores, the other waits for the entry's lock and reads the table;
-    both succeed with the same plan and the uninterrupted run's scores."""
+    both succeed with the same plan and the uninterrupted run's scores. The scorer sleeps
+    LOCK_PAUSE s before saving its table, inside the lock, so that the other run (which does the
+    same work up to the lock) surely arrives while it is held, however loaded the machine."""
     cache, go = tmp_path / "cache", tmp_path / "go"
-    runs = [start(search_argv(tiny_llama, space, tmp_path / f"out{i}", cache), tmp_path / f"run{i}.log", start_file=go) for i in (0, 1)]
+    pause = ("autoq.cache:ScoreCache.save_table", LOCK_PAUSE)
+    runs = [start(search_argv(tiny_llama, space, tmp_path / f"out{i}", cache), tmp_path / f"run{i}.log", start_file=go, pause=pause)
+            for i in (0, 1)]  # fmt: skip
     time.sleep(0.5)
     go.touch()
     assert [r.wait() for r in runs] == [0, 0], [r.output for r in runs]
