@@ -24,6 +24,7 @@ from autoq.calibstate import CalibrationState
 from autoq.decoder import shared_input_readers
 from autoq.errors import AutoqError, atomic_output_dir
 from autoq.formats import FORMATS
+from autoq.manifest import write_manifest
 from autoq.model import TIED_HEAD_REASON, lm_head_is_tied
 from autoq.plan import Plan
 from autoq.search_space import all_layers
@@ -290,6 +291,7 @@ def write_checkpoint(model: nn.Module, tokenizer, plan: Plan, directory: Path) -
     report = verify_checkpoint(directory, exported_formats)
     if report.problems:
         raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
+    write_manifest(directory)  # last: every file's and tensor's sha256, for `autoq verify`
     return report
 
 

@@ -8,6 +8,7 @@ amax): what a runtime computes, in plain PyTorch, on any device.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -50,8 +51,8 @@ def unquantized_config(checkpoint: Path):
     plain modules (autoq reads the quantized tensors itself)."""
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(checkpoint)
+    try:  # never the checkpoint's own code: exported checkpoints are read, not run
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise AutoqError(f"cannot read {Path(checkpoint) / 'config.json'}: {err}") from None
     if hasattr(config, "quantization_config"):
@@ -93,14 +94,18 @@ def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu") 
     except ImportError:  # transformers 4.57
         from transformers.modeling_utils import no_init_weights
 
+    from autoq.model import check_config_sizes, read_config
+
     checkpoint = Path(checkpoint)
     formats = checkpoint_formats(checkpoint)
+    headers = read_headers(checkpoint)
+    # Before building: a config whose sizes the tensors cannot back would allocate them all.
+    check_config_sizes(read_config(checkpoint / "config.json"), checkpoint / "config.json", sum(math.prod(i.shape) for i in headers.values()))
     config = unquantized_config(checkpoint)  # the weights we load are dequantized ourselves
     dtype = getattr(config, "torch_dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with no_init_weights():  # every weight is overwritten below; buffers (rotary) are built normally
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    headers = read_headers(checkpoint)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     quantized_keys = {f"{n}.{t.suffix}" for n, f in formats.items() for t in FORMATS[f].stored} | {f"{n}.bias" for n in formats}
     state = {}
     for shard in sorted({info.shard for info in headers.values()}):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -77,6 +78,12 @@ def _add_workload_args(parser: argparse.ArgumentParser, calibration_per_device: 
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    _add_trust_arg(parser)
+
+
+def _add_trust_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model ships (its config's auto_map); never without this flag")  # fmt: skip
 
 
 def _add_scoring_args(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +220,7 @@ def _add_study_args(parser: argparse.ArgumentParser, trials: int) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    _add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -222,7 +230,7 @@ def _model_settings(args: argparse.Namespace):
     return ModelSettings(
         model=args.model, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         eval_samples=args.eval_samples, unseen_samples=args.unseen_samples, batch_size=args.batch_size,
-        dtype=args.dtype, device=args.device, progress=not args.no_progress,
+        dtype=args.dtype, device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
 
 
@@ -252,7 +260,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return distributed.launch(args.gpus, args.argv)  # torchrun's machinery runs this command in each process
     # Under torchrun: every rank scores its share of the steps; rank 0 alone goes on from there.
     with distributed.process_group(device, args.gpus) as (parallel, device):  # each rank: its own device
-        work = pipeline.prepare(args.model, args.space, args.calib, *_calibration_size(args, device))
+        work = pipeline.prepare(args.model, args.space, args.calib, *_calibration_size(args, device), args.trust_remote_code)
+        pipeline.check_outputs_apart(work.source, args.out, args.export)
         if work.synthetic:
             pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised, not a trained LM): numbers are real "
                          "measurements of a random network, not of a language model")  # fmt: skip
@@ -350,7 +359,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     report = pipeline.apply_and_export(plan, args.model, args.calib, args.calib_samples, args.seq_len, args.dtype, device,
                                        args.batch_size, args.export, args.overwrite, progress=not args.no_progress,
-                                       engine=args.engine, cache_dir=args.cache_dir)  # fmt: skip
+                                       engine=args.engine, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)  # fmt: skip
     pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
                  f"{report.effective_bits:.3f} bits per planned weight as stored)")  # fmt: skip
     return 0
@@ -368,7 +377,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           max_length=args.max_length)  # fmt: skip
     if args.checkpoint is not None:
         check_checkpoint_dir(args.checkpoint)  # before resolving (maybe converting) the reference model
-    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
+    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len, args.trust_remote_code)
+    pipeline.check_outputs_apart(work.source, args.out)
     result = evaluate_target(work, spec, plan_path=args.plan, checkpoint=args.checkpoint, eval_samples=args.eval_samples,
                              dtype=args.dtype, device=device, progress=not args.no_progress)  # fmt: skip
     print(json.dumps(result["metrics"], indent=2))
@@ -392,7 +402,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_length=args.max_length, batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints,
     )  # fmt: skip
     config.eval_spec()  # unknown tasks or missing eval data: fail before any model work
-    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len)
+    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len, args.trust_remote_code)
+    pipeline.check_outputs_apart(work.source, args.out)
     if work.synthetic:
         pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
     options = _scoring_options(args, device, progress=not args.no_progress)
@@ -487,6 +498,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             line += f"  rel.err {errors[name]:.4f}"
         print(line)
     print(f"# {len(formats)} quantized layers, {report.effective_bits:.4f} bits per weight as stored")
+    if not report.hashed:
+        print("# no autoq_manifest.json (not exported by autoq): file contents not checked against hashes")
     for problem in problems:
         print(f"autoq: verify: {problem}", file=sys.stderr)
     if problems:
@@ -551,6 +564,8 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _cpu_threads_yield()
     _quiet_libraries()
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit (ulimit -f), writes fail with EFBIG instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # usage errors (2, one line), --help and --version (0)
@@ -561,16 +576,30 @@ def main(argv: list[str] | None = None) -> int:
             raise AutoqError(f"only `autoq search` runs in several processes (torchrun started {_processes()} for `autoq {args.command}`)")
         return args.func(args)
     except AutoqError as err:
-        if _prints_errors(err):
-            print(f"autoq: error: {err}", file=sys.stderr)
-        return 2
+        return _user_error(err, str(err))
     except KeyboardInterrupt:
         if _prints_errors():
             print("autoq: interrupted; finished scoring chunks are cached, rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:
+        from autoq.errors import disk_full
+
+        if (full := disk_full(err)) is not None:  # outputs are staged, so none was left; the cache holds finished work
+            return _user_error(err, f"the disk is full or a file-size limit was reached ({full}); no output was written, "
+                                    "finished scoring chunks are cached: free space and rerun the same command")  # fmt: skip
+        if isinstance(err, OSError) and err.errno is not None:  # the environment (permissions, a vanished file), not a bug
+            where = f": {err.filename}" if err.filename else ""
+            return _user_error(err, f"{err.strerror or os.strerror(err.errno)}{where}")
         _prints_errors(err)
         raise
+
+
+def _user_error(err: BaseException, message: str) -> int:
+    """Print ``message`` as one line (control characters escaped) and return exit status 2."""
+    if _prints_errors(err):
+        line = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
+        print(f"autoq: error: {line}", file=sys.stderr)
+    return 2
 
 
 def _processes() -> int:

@@ -22,9 +22,10 @@ of a rounding boundary (tests/test_codec.py measures how rarely).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from autoq import fakequant
-from autoq.errors import AutoqError
+from autoq.errors import AutoqError, first_line
 from autoq.formats import Format
 
 # ---------------------------------------------------------------------------------------- files
@@ -70,7 +71,7 @@ def read_headers(checkpoint: Path) -> dict[str, TensorInfo]:
     """Name -> dtype/shape/shard of every tensor in a (possibly sharded) checkpoint; reads no data."""
     infos = {}
     for shard in shard_names(checkpoint):
-        with safe_open(str(Path(checkpoint) / shard), framework="pt") as handle:
+        with _opened(Path(checkpoint) / shard) as handle:
             for name in handle.keys():
                 view = handle.get_slice(name)
                 infos[name] = TensorInfo(view.get_dtype(), tuple(view.get_shape()), shard)
@@ -78,8 +79,20 @@ def read_headers(checkpoint: Path) -> dict[str, TensorInfo]:
 
 
 def read_tensor(checkpoint: Path, info: TensorInfo, name: str) -> torch.Tensor:
-    with safe_open(str(Path(checkpoint) / info.shard), framework="pt") as handle:
+    with _opened(Path(checkpoint) / info.shard) as handle:
         return handle.get_tensor(name)
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator:
+    """A safetensors file opened for reading; a damaged one (bad header, offsets past its end) is one error."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        raise AutoqError(f"{path} is not a valid safetensors file ({first_line(err)})") from None
 
 
 def read_layer_tensors(checkpoint: Path, name: str, headers: Mapping[str, TensorInfo] | None = None) -> dict[str, torch.Tensor]:

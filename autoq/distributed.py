@@ -203,6 +203,10 @@ class RankZeroCache:
         if self.parallel.is_main:
             self.cache.clear_partial()
 
+    def locked(self) -> contextlib.AbstractContextManager:
+        """Rank 0 takes the entry's lock; the others wait for it in the next collective."""
+        return self.cache.locked() if self.parallel.is_main else contextlib.nullcontext()
+
 
 def current() -> DataParallel:
     """This process's place in the run: from torch.distributed's default process group, if any."""

@@ -39,6 +39,7 @@ from autoq.codec import codec_for, input_scale
 from autoq.diskmodel import SAFETENSORS_DTYPES, DiskWeights, check_finite, check_shapes, meta_model, state_shapes
 from autoq.errors import AutoqError, atomic_output_dir, log
 from autoq.formats import FORMATS, Format
+from autoq.manifest import write_manifest
 from autoq.model import DTYPES, TIED_HEAD_REASON, lm_head_is_tied
 from autoq.plan import Plan
 from autoq.search_space import all_layers
@@ -203,6 +204,7 @@ class StreamedExport:
         report = verify_checkpoint(directory, self.plan.formats())
         if report.problems:
             raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
+        write_manifest(directory)  # last: every file's and tensor's sha256, for `autoq verify`
         return report
 
     def _read(self, key: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, is_synthetic
 from autoq.devices import default_device
-from autoq.errors import AutoqError, atomic_output_dir, check_output_dir, log  # noqa: F401 (log: the CLI calls pipeline.log)
+from autoq.errors import AutoqError, atomic_output_dir, check_apart, check_output_dir, first_line, log  # noqa: F401 (log: the CLI calls pipeline.log)
 from autoq.model import (
     TIED_HEAD_REASON,
     ModelSource,
@@ -66,31 +66,37 @@ class Workload:
         return info
 
 
-def load_sources(model: str | None, calib: str, samples: int, seq_len: int) -> tuple[ModelSource, object, TokenData]:
+def load_sources(
+    model: str | None, calib: str, samples: int, seq_len: int, trust_remote_code: bool = False
+) -> tuple[ModelSource, object, TokenData]:
     """The model (``--model``, else the default), its tokenizer and the calibration tokens; no weights."""
     for flag, value in (("--model", model), ("--calib", calib)):
         if value is not None and not value.strip():
             raise AutoqError(f"{flag} is empty")
-    source = resolve_model(model)  # None: the default model
+    source = resolve_model(model, trust_remote_code)  # None: the default model
     if source.weights_from:
         log(f"model {source.name}: weights {source.weights_from}" + (f"; caveat: {source.caveat}" if source.caveat else ""))
-    check_causal_lm(source.path)
+    check_causal_lm(source.path, source.trust_remote_code)
     tokenizer = load_tokenizer(source)
     return source, tokenizer, load_tokens(calib, tokenizer, samples, seq_len)
 
 
-def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: int) -> Workload:
+def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: int, trust_remote_code: bool = False) -> Workload:
     """Resolve the model, tokenizer, search space and calibration tokens; find the layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from autoq.decoder import DecoderStructure
 
     search_space = load_search_space(space)
-    source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
-    config = AutoConfig.from_pretrained(source.path)
-    with torch.device("meta"):  # module names, classes and shapes, without reading weights
-        skeleton = AutoModelForCausalLM.from_config(config)
-        skeleton.tie_weights()  # as loading does (some transformers versions leave a meta skeleton untied)
+    source, tokenizer, calibration = load_sources(model, calib, samples, seq_len, trust_remote_code)
+    trust = source.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust)
+        with torch.device("meta"):  # module names, classes and shapes, without reading weights
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+            skeleton.tie_weights()  # as loading does (some transformers versions leave a meta skeleton untied)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers cannot build
+        raise AutoqError(f"cannot build the model described by {source.path / 'config.json'}: {first_line(err)}") from None
     structure = DecoderStructure(skeleton)
     tied = lm_head_is_tied(skeleton)
     if tied and search_space.search_lm_head:
@@ -171,10 +177,12 @@ def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_bloc
 def apply_and_export(
     plan: Plan, model: str | None, calib: str, samples: int, seq_len: int, dtype: str, device: str, batch_size: int,
     export: Path, overwrite: bool = False, progress: bool = True, engine: str = "auto", cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> VerifyReport:  # fmt: skip
     """``autoq apply``: a plan applied to a model, exported and verified, all or nothing."""
     check_output_dir(Path(export), overwrite)
-    source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
+    source, tokenizer, calibration = load_sources(model, calib, samples, seq_len, trust_remote_code)
+    check_outputs_apart(source, export)
     if choose_engine(engine, source, plan.formats(), dtype) == "stream":
         from autoq.export import stream_export
 
@@ -211,22 +219,26 @@ def score(work: Workload, options: ScoringOptions, dtype: str = "bfloat16", cach
     cache = parallel.shared_cache(ScoreCache(Path(cache_dir) if cache_dir else cache_root(), key))  # data-parallel: rank 0's
     start = time.perf_counter()
     table = cache.load_table()
-    from_cache = table is not None
-    load_seconds = 0.0
+    from_cache, load_seconds = True, 0.0
     if table is None:
-        device = options.device or default_device()
-        model, weights = _model_for_scoring(work, dtype, device, options.stream_blocks)
-        load_seconds = time.perf_counter() - start
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        engine = SensitivityEngine(model, work.choices, options, cache, weights)
-        table = engine.run(work.calibration.batches(options.batch_size))
-        if parallel.is_main and engine.stats:  # what exporting any plan over these layers needs (autoq.calibstate)
-            from autoq.calibstate import CalibrationState
-            from autoq.streamcalib import state_source
+        with cache.locked():  # one process scores an entry; another one waits here, then reads its table
+            table = cache.load_table()
+            if table is None:
+                from_cache = False
+                device = options.device or default_device()
+                model, weights = _model_for_scoring(work, dtype, device, options.stream_blocks)
+                load_seconds = time.perf_counter() - start
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                engine = SensitivityEngine(model, work.choices, options, cache, weights)
+                table = engine.run(work.calibration.batches(options.batch_size))
+                if parallel.is_main and engine.stats:  # what exporting any plan over these layers needs (autoq.calibstate)
+                    from autoq.calibstate import CalibrationState
+                    from autoq.streamcalib import state_source
 
-            s = engine.structure
-            CalibrationState.from_stats(engine.stats, s.input_norms, s.norms, state_source(work.source, dtype, work.calibration)).save(cache.dir)
+                    s = engine.structure
+                    state = CalibrationState.from_stats(engine.stats, s.input_norms, s.norms, state_source(work.source, dtype, work.calibration))
+                    state.save(cache.dir)
     seconds = time.perf_counter() - start
     per_rank = parallel.gather(peak_memory(), "reporting peak memory")
     return ScoreResult(assign_groups(table, work.space), cache, from_cache, seconds, per_rank[parallel.rank], load_seconds, per_rank)
@@ -318,6 +330,11 @@ def preflight_outputs(*dirs_and_flags: tuple[Path | None, bool]) -> None:
     for path, overwrite in dirs_and_flags:
         if path is not None:
             check_output_dir(Path(path), overwrite)
+
+
+def check_outputs_apart(source: ModelSource, *outputs: Path | None) -> None:
+    """Outputs neither are, contain nor lie inside the input model (so an export never overwrites it)."""
+    check_apart(list(outputs), source.local_paths())
 
 
 def require_single_budget(budgets: list[float], what: str) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,40 +61,92 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
+MAX_PLAN_BYTES = 64 << 20  # a plan has one small entry per layer: far below this for any model
+_LAYER_NAME = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")  # a module path: word characters (any script), '-', dots
+_PROVENANCE = ("model", "search_space", "budget", "achieved", "calibration", "created")
+
+
 def load_plan(path: Path) -> Plan:
-    """Read and validate a plan file; any problem is one clear ``AutoqError``."""
+    """Read and validate a plan file; any problem is one clear ``AutoqError``.
+
+    Strict JSON: duplicate keys (``json`` would keep the last one silently), NaN and infinities are
+    errors; so are files over ``MAX_PLAN_BYTES`` and anything but a regular file (a FIFO would hang).
+    """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        if path.exists() and not path.is_file():
+            raise AutoqError(f"cannot read plan file {path} (not a regular file)")
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise AutoqError(f"plan file {path} has {size} bytes; a plan has at most {MAX_PLAN_BYTES} (one entry per layer)")
+        raw = json.loads(path.read_text(), object_pairs_hook=lambda pairs: _unique_keys(pairs, path),
+                         parse_constant=lambda name: _no_constant(name, path))  # fmt: skip
     except FileNotFoundError:
         raise AutoqError(f"plan file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
         raise AutoqError(f"cannot read plan file {path} ({type(err).__name__})") from None
     except json.JSONDecodeError as err:
         raise AutoqError(f"plan file {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except (ValueError, RecursionError) as err:  # an integer of more than 4300 digits; nesting deeper than the stack
+        raise AutoqError(f"plan file {path} is not usable JSON ({type(err).__name__}: {str(err)[:80]})") from None
     return plan_from_json(raw, str(path))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise AutoqError(f"plan file {path} has the key {ascii(duplicate)[:80]} twice in one object (JSON would keep the last silently)")
+    return result
+
+
+def _no_constant(name: str, path: Path) -> Any:
+    raise AutoqError(f"plan file {path} holds {name}, which is not a number a plan may hold")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def plan_from_json(raw: Any, origin: str) -> Plan:
+    """A plan from parsed JSON, every field checked: wrong types never reach the code that uses them."""
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise AutoqError(f"{origin}: not an autoq plan (expected \"schema\": \"{SCHEMA}\")")
-    if raw.get("version") != VERSION:
-        raise AutoqError(f"{origin}: plan version {raw.get('version')!r} is not supported (this autoq reads {VERSION})")
+    version = raw.get("version")
+    if type(version) is not int or version != VERSION:
+        raise AutoqError(f"{origin}: plan version {ascii(version)[:40]} is not supported (this autoq reads {VERSION})")
     layers_raw = raw.get("layers")
     if not isinstance(layers_raw, dict) or not layers_raw:
         raise AutoqError(f"{origin}: 'layers' must map layer names to {{\"format\": ...}}")
     layers = {}
     for name, entry in layers_raw.items():
+        shown = ascii(name)[:80]
+        if not _LAYER_NAME.fullmatch(name):
+            raise AutoqError(f"{origin}: layer name {shown} is not a module name (dot-separated words)")
         if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
-            raise AutoqError(f"{origin}: layer {name} has no \"format\"")
+            raise AutoqError(f"{origin}: layer {shown} has no \"format\"")
         get_format(entry["format"])
+        for key in ("params", "bits"):
+            value = entry.get(key)
+            if value is not None and (type(value) is not int or not 0 <= value <= 2**53):
+                raise AutoqError(f"{origin}: layer {shown}: {key} must be a whole number from 0 to 2**53 (got {ascii(value)[:40]})")
+        if entry.get("score") is not None and not _is_number(entry["score"]):
+            raise AutoqError(f"{origin}: layer {shown}: score must be a finite number (got {ascii(entry['score'])[:40]})")
+        if entry.get("group") is not None and not isinstance(entry["group"], str):
+            raise AutoqError(f"{origin}: layer {shown}: group must be a string (got {ascii(entry['group'])[:40]})")
         known = {k: entry.get(k) for k in ("group", "score", "params", "bits")}
         layers[name] = LayerPlan(format=entry["format"], **known)
-    return Plan(
-        layers=layers,
-        **{k: raw.get(k) or {} for k in ("model", "search_space", "budget", "achieved", "calibration", "created")},
-        objective=raw.get("objective"),
-    )
+    for key in _PROVENANCE:
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise AutoqError(f"{origin}: '{key}' must be an object (got {type(raw[key]).__name__})")
+    if raw.get("objective") is not None and not isinstance(raw["objective"], str):
+        raise AutoqError(f"{origin}: 'objective' must be a string")
+    for section, key in (("budget", "effective_bits"), ("achieved", "searched_effective_bits"), ("achieved", "model_effective_bits")):
+        value = (raw.get(section) or {}).get(key)
+        if value is not None and not _is_number(value):
+            raise AutoqError(f"{origin}: {section}.{key} must be a finite number (got {ascii(value)[:40]})")
+    return Plan(layers=layers, **{k: raw.get(k) or {} for k in _PROVENANCE}, objective=raw.get("objective"))
 
 
 def creation_info() -> dict[str, Any]:

@@ -8,7 +8,6 @@ name, as in ModelOpt/TAO quantize configs. Skips win over includes; the first ma
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -16,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 import yaml
 from torch import nn
@@ -26,6 +26,8 @@ from autoq.formats import FORMATS, get_format
 
 _KEYS = {"name", "description", "formats", "include", "skip", "search_lm_head", "pin", "groups"}
 _GROUP_KEYS = {"shared_input", "rules"}
+MAX_SPACE_BYTES = 1 << 20  # search spaces are a few lines of YAML
+RULE_SECONDS = 1.0  # the longest one group rule may take on one layer name
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,11 @@ class SearchSpace:
 
     def group_rule_key(self, name: str) -> str | None:
         for index, rule in enumerate(self.group_rules):
-            match = re.search(rule, name)
+            try:  # the regex engine, with a time limit: a rule that backtracks catastrophically fails, never hangs
+                match = regex.search(rule, name, flags=regex.V0, timeout=RULE_SECONDS)
+            except TimeoutError:
+                raise AutoqError(f"search space {self.name}: group rule {rule!r} takes over {RULE_SECONDS:g} s on {name} "
+                                 "(catastrophic backtracking): simplify it") from None  # fmt: skip
             if match:
                 return f"rule{index}:{match.group(1) if match.groups() else match.group(0)}"
         return None
@@ -78,16 +84,41 @@ def load_search_space(spec: str) -> SearchSpace:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise AutoqError(f"search space '{spec}' is neither a file nor a built-in ({', '.join(sorted(builtins))})")
-    return parse_search_space(path.read_text(), str(path))
+    if path.stat().st_size > MAX_SPACE_BYTES:
+        raise AutoqError(f"search space {path} has {path.stat().st_size} bytes; a search space has at most {MAX_SPACE_BYTES}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AutoqError(f"cannot read search space {path} ({type(err).__name__})") from None
+    return parse_search_space(text, str(path))
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (no tags that build Python objects), refusing duplicate keys,
+    which YAML would otherwise resolve silently to the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise AutoqError(f"duplicate key {ascii(key)[:60]} (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_search_space(text: str, origin: str) -> SearchSpace:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader: builds no Python objects
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise AutoqError(f"search space {origin}: invalid YAML{where}") from None
+    except AutoqError as err:
+        raise AutoqError(f"search space {origin}: {err}") from None
+    except RecursionError:
+        raise AutoqError(f"search space {origin}: nested too deeply") from None
     if not isinstance(raw, dict):
         raise AutoqError(f"search space {origin}: expected a mapping at the top level")
     unknown = set(raw) - _KEYS
@@ -97,31 +128,42 @@ def parse_search_space(text: str, origin: str) -> SearchSpace:
     for name in formats:
         get_format(name)
     pins = raw.get("pin") or {}
-    if not isinstance(pins, dict):
-        raise AutoqError(f"search space {origin}: 'pin' must map patterns to formats")
+    if not isinstance(pins, dict) or not all(isinstance(p, str) and isinstance(f, str) for p, f in pins.items()):
+        raise AutoqError(f"search space {origin}: 'pin' must map patterns to formats (strings)")
     for fmt in pins.values():
-        get_format(str(fmt))
+        get_format(fmt)
     groups = raw.get("groups") or {}
     if not isinstance(groups, dict) or set(groups) - _GROUP_KEYS:
         raise AutoqError(f"search space {origin}: 'groups' allows only {sorted(_GROUP_KEYS)}")
     rules = tuple(_string_list(groups, "rules", origin))
     for rule in rules:
         try:
-            re.compile(rule)
-        except re.error as err:
-            raise AutoqError(f"search space {origin}: bad group rule {rule!r}: {err}") from None
+            regex.compile(rule, flags=regex.V0)
+        except (regex.error, OverflowError, RecursionError) as err:
+            raise AutoqError(f"search space {origin}: bad group rule {rule!r:.80}: {err}") from None
+    for key in ("name", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise AutoqError(f"search space {origin}: '{key}' must be a string")
     return SearchSpace(
-        name=str(raw.get("name", Path(origin).stem)),
-        description=str(raw.get("description", "")),
+        name=raw.get("name") or Path(origin).stem,
+        description=raw.get("description") or "",
         formats=formats,
         include=tuple(_string_list(raw, "include", origin) or ["*"]),
         skip=tuple(_string_list(raw, "skip", origin)),
-        search_lm_head=bool(raw.get("search_lm_head", False)),
-        pin=tuple((str(p), str(f)) for p, f in pins.items()),
-        group_by_shared_input=bool(groups.get("shared_input", True)),
+        search_lm_head=_flag(raw, "search_lm_head", False, origin),
+        pin=tuple(pins.items()),
+        group_by_shared_input=_flag(groups, "shared_input", True, origin),
         group_rules=rules,
         source_text=text,
     )
+
+
+def _flag(raw: dict[str, Any], key: str, default: bool, origin: str) -> bool:
+    """A yes/no setting: true or false only ("no" in quotes is a string, and a string is not false)."""
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise AutoqError(f"search space {origin}: '{key}' must be true or false (got {ascii(value)[:40]})")
+    return value
 
 
 def _string_list(raw: dict[str, Any], key: str, origin: str, required: bool = False) -> list[str]:
@@ -225,4 +267,6 @@ def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_he
             choices.append(replace(layer, candidates=candidates))
     if not choices:
         raise AutoqError(f"search space '{space.name}' selects no quantizable linear layers in {type(model).__name__}")
+    for choice in choices:  # a group rule that cannot finish fails here, before any model work
+        space.group_rule_key(choice.name)
     return choices

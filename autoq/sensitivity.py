@@ -28,6 +28,7 @@ Parameters never require gradients, so no weight gradient is ever computed.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,7 +44,7 @@ from autoq import distributed
 from autoq.cache import ScoreCache
 from autoq.calibration import LayerStats, StatsCollector
 from autoq.decoder import DecoderStructure
-from autoq.errors import log
+from autoq.errors import AutoqError, log
 from autoq.executor import BlockExecutor
 from autoq.experts import ExpertRouting
 from autoq.formats import FORMATS
@@ -186,6 +187,11 @@ class SensitivityEngine:
         self.executor.freeze_parameters()
         with self.executor.placed(), self.routing.attached():
             table = self._scores(token_batches)
+        bad = table[~table.score.map(math.isfinite)]
+        if len(bad):  # never cached, never solved: a plan from NaN scores would look valid and mean nothing
+            dtype = next(self.model.parameters()).dtype
+            raise AutoqError(f"{len(bad)} scores are NaN or infinite (first: {bad.layer.iloc[0]} as {bad.format.iloc[0]}): the model's "
+                             f"activations or gradients overflow in {str(dtype).removeprefix('torch.')}; try --dtype float32")  # fmt: skip
         if self.cache is not None:
             self.cache.save_table(table)
         return table

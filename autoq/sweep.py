@@ -34,7 +34,7 @@ from tqdm import tqdm
 from autoq.apply import apply_plan, check_plan_fits_model, export_checkpoint
 from autoq.checkpoint import load_fake_quant_model
 from autoq.data import TokenData
-from autoq.errors import AutoqError, atomic_write
+from autoq.errors import AutoqError, atomic_write, disk_full
 from autoq.evaluate import PROXY_TASKS, EvalSpec, evaluate, heldout_tokens
 from autoq.formats import FORMATS
 from autoq.plan import LayerPlan, Plan, creation_info
@@ -247,6 +247,8 @@ def run_sweep(
                 raise AutoqError(row.error)
             record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress)
         except Exception as err:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
+            if disk_full(err):  # not the row's failure: every later row would fail too
+                raise
             message = str(err) if isinstance(err, AutoqError) else f"{type(err).__name__}: {err}"
             log(f"sweep row {row.id} failed: {message}")
             record = failed_record(row, message, device, time.perf_counter() - start)

@@ -7,7 +7,9 @@ than memory verifies.
 
 The artifact contract (after ModelOpt's experimental quantization package): config.json, the
 quantization metadata (hf_quant_config.json; config.json's quantization_config), safetensors
-shards (with model.safetensors.index.json when sharded) and tokenizer files.
+shards (with model.safetensors.index.json when sharded) and tokenizer files. A checkpoint autoq
+exported also carries ``autoq_manifest.json`` (``autoq.manifest``): every file's and tensor's
+sha256, so any byte changed after export is found and named.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from autoq.checkpoint import read_quant_config
 from autoq.codec import TensorInfo, dequantize_weight, logical_shape, read_headers, read_layer_tensors, read_tensor
 from autoq.errors import AutoqError
 from autoq.formats import DTYPE_BITS, FORMATS
+from autoq.manifest import manifest_problems
 
 _SCALES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
@@ -33,6 +36,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     layer_bits: dict[str, int] = field(default_factory=dict)  # stored bits per checked layer
     layer_params: dict[str, int] = field(default_factory=dict)
+    hashed: bool = False  # the files were checked against the export's manifest (autoq.manifest)
 
     @property
     def effective_bits(self) -> float:
@@ -53,6 +57,9 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bo
     report = VerifyReport()
     if check_files:
         report.problems += _missing_files(checkpoint, bool(quant))
+        changed = manifest_problems(checkpoint)
+        report.hashed = changed is not None
+        report.problems += changed or []
     expected_algo = expected_quant_algo(formats)
     if quant.get("quant_algo") != expected_algo:
         report.problems.append(f"hf_quant_config quant_algo is {quant.get('quant_algo')!r}, expected {expected_algo!r}")

@@ -48,6 +48,7 @@ class ModelSettings:
     dtype: str | None = None
     device: str | None = None
     progress: bool = True
+    trust_remote_code: bool = False  # run the model's own code (--trust-remote-code)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def open_workspace(run: Run, settings: ModelSettings) -> Workspace:
     start = time.perf_counter()
     s = resolve_settings(run, settings)
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = resolve_model(s.model)
+    source = resolve_model(s.model, s.trust_remote_code)
     recorded = run.info.get("model", {})
     if recorded.get("fingerprint") and source.fingerprint() != recorded["fingerprint"]:
         log(f"model {source.name} differs from the one {run.dir} was scored with ({recorded.get('id')})")

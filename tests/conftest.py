@@ -26,6 +26,27 @@ _REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = next((p.resolve() for p in (_REPO.parent / "shared" / "data", _REPO.parent.parent / "shared" / "data") if p.is_dir()), None)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (longer fault injections; .ci/run passes it)")
+    parser.addoption("--fuzz-minutes", type=float, default=0.0,
+                     help="run each fuzz test (tests/test_reliability_input.py) this long with fresh random seeds; "
+                          "default: a fixed number of cases from a fixed seed")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with pytest --slow (as .ci/run does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fuzz_minutes(request: pytest.FixtureRequest) -> float:
+    return request.config.getoption("--fuzz-minutes")
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own score cache (``$AUTOQ_CACHE``) unless it passes one explicitly, and

@@ -64,7 +64,7 @@ def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 def _entry(cache: Path) -> Path:
-    (entry,) = (cache / "scores").iterdir()
+    (entry,) = (p for p in (cache / "scores").iterdir() if p.is_dir())  # beside it: the entry's lock file
     return entry
 
 
@@ -91,7 +91,7 @@ def runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNa
     inject = {"AUTOQ_TEST_KILL_RANK": "1", "PYTHONPATH": os.pathsep.join([str(root / "inject"), env.get("PYTHONPATH", "")])}
     killed = _run([sys.executable, "-m", "autoq", *shared, "--gpus", "2"], {**env, **inject})
     after_kill = {"out_dir_entries": sorted(p.name for p in root.iterdir() if p.name.startswith((".out", "out"))),
-                  "cache_files": sorted(p.name for p in _entry(cache).iterdir())}  # fmt: skip
+                  "cache_files": sorted(p.name for p in _entry(cache).iterdir() if p.suffix != ".sha256")}  # fmt: skip
     resumed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "autoq", *shared], env)
     return SimpleNamespace(root=root, out=out, cache=cache, killed=killed, after_kill=after_kill, resumed=resumed)
 
