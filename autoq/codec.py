@@ -10,13 +10,18 @@ turns those back into the float weight a runtime computes with (codes times stor
 * INT4 (W4A8, INT4_AWQ): two signed codes per byte packed along the output dimension (row 2r in
   the low nibble, 2r+1 in the high one) times the per-group-of-128 FP32 ``weight_scale``. W4A8
   then re-expresses the values on the per-tensor FP8 grid whose scale is ``weight_scale_2``.
+* NVFP4 weights without activation quantization (W4A16_NVFP4): the NVFP4 codec.
+* MXFP8: ``weight`` (E4M3) times ``2^(e - 127)`` for the block's E8M0 ``weight_scale`` byte ``e``
+  (one per 32 values along the input dimension).
+* INT8 (INT8_SQ): ``weight`` (int8) times the per-output-channel FP32 ``weight_scale``.
 
 ``encode`` computes exactly the codes of ``Format.quantize_weight`` and stores as scales the very
-multipliers it applies, so FP8 and NVFP4 decode to its result bit for bit, and so does W4A8 (whose
-FP8 stage absorbs the INT4 rounding below). INT4 fake quantization divides each code by a float32
-scale (as ModelOpt's does) while a checkpoint can only hold a multiplier, and no float32 multiplier
-reproduces every code's quotient (for 64% of random groups some code lands one float32 ulp away):
-INT4_AWQ decodes to the same codes, within one float32 ulp, which bfloat16 weights round away.
+multipliers it applies, so FP8, NVFP4 and MXFP8 decode to its result bit for bit, and so does W4A8
+(whose FP8 stage absorbs the INT4 rounding below). Integer fake quantization divides each code by a
+float32 scale (as ModelOpt's does) while a checkpoint can only hold a multiplier, and no float32
+multiplier reproduces every code's quotient (for 64% of random INT4 groups some code lands one
+float32 ulp away): INT4_AWQ and INT8_SQ decode to the same codes, within one float32 ulp, which
+bfloat16 weights round away.
 """
 
 from __future__ import annotations
@@ -186,6 +191,30 @@ class INT4Codec(WeightCodec):
         return values
 
 
+class MXFP8Codec(WeightCodec):
+    def __init__(self, block: int = fakequant.MXFP8_BLOCK):
+        self.block = block
+
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        exponents = fakequant.mxfp8_exponents(weight, self.block)  # no per-tensor scale: tensor_amax plays no part
+        return {"weight": fakequant.mxfp8_codes(weight, exponents, self.block), "weight_scale": exponents}
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return fakequant.mxfp8_decode(stored["weight"], stored["weight_scale"], self.block).to(dtype)
+
+
+class INT8Codec(WeightCodec):
+    """INT8 with one scale per output channel (ModelOpt's ``axis=0`` weight quantizer)."""
+
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        in_features = weight.shape[-1]
+        scale, codes = fakequant.int_block_codes(weight, fakequant.int_block_amax(weight, in_features), 8, in_features)
+        return {"weight": codes.reshape(weight.shape).to(torch.int8), "weight_scale": (1.0 / scale.double()).float().reshape(-1)}
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (stored["weight"].float() * stored["weight_scale"].float().unsqueeze(-1)).to(dtype)
+
+
 def codec_for(fmt: Format) -> WeightCodec:
     if fmt.weight == "fp8":
         return FP8Codec()
@@ -193,6 +222,10 @@ def codec_for(fmt: Format) -> WeightCodec:
         return NVFP4Codec(fmt.weight_block)
     if fmt.weight == "int4":
         return INT4Codec(fmt.weight_block, fp8_stage=fmt.activation == "fp8")
+    if fmt.weight == "mxfp8":
+        return MXFP8Codec(fmt.weight_block)
+    if fmt.weight == "int8":
+        return INT8Codec()
     raise AutoqError(f"format {fmt.name} stores no quantized weight")
 
 

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from autoq import __version__, distributed
-from autoq.apply import apply_plan, export_checkpoint, write_checkpoint
+from autoq.apply import apply_plan, check_kv_cache_fits_model, export_checkpoint, write_checkpoint
 from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, is_synthetic
 from autoq.devices import default_device
 from autoq.errors import AutoqError, atomic_output_dir, check_output_dir, log  # noqa: F401 (log: the CLI calls pipeline.log)
+from autoq.formats import KVCacheFormat, get_kv_cache_format
 from autoq.model import (
     TIED_HEAD_REASON,
     ModelSource,
@@ -33,7 +34,7 @@ from autoq.model import (
     resolve_model,
 )
 from autoq.plan import Plan, plan_from_solution
-from autoq.search_space import LayerChoice, SearchSpace, load_search_space, select_layers
+from autoq.search_space import LayerChoice, Protect, SearchSpace, load_search_space, select_layers
 from autoq.sensitivity import ENGINE_VERSION, ScoringOptions, SensitivityEngine
 from autoq.solver import Options, assign_groups, frontier, solve
 from autoq.verify import VerifyReport
@@ -51,6 +52,7 @@ class Workload:
     total_params: int
     architecture: str
     model: nn.Module | None = None  # the real model, once loaded
+    kv_cache: KVCacheFormat | None = None  # exported with every plan; not part of scoring
 
     @property
     def synthetic(self) -> bool:
@@ -79,13 +81,19 @@ def load_sources(model: str | None, calib: str, samples: int, seq_len: int) -> t
     return source, tokenizer, load_tokens(calib, tokenizer, samples, seq_len)
 
 
-def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: int) -> Workload:
-    """Resolve the model, tokenizer, search space and calibration tokens; find the layers."""
+def prepare(
+    model: str | None, space: str, calib: str, samples: int, seq_len: int, protect: str | None = None, kv_cache: str | None = None
+) -> Workload:
+    """Resolve the model, tokenizer, search space (with ``--protect`` over its own) and calibration
+    tokens; find the layers; check that the model has the attention layers ``--kv-cache`` needs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from autoq.decoder import DecoderStructure
 
     search_space = load_search_space(space)
+    if protect is not None:
+        search_space = search_space.with_protect(Protect.parse(protect))
+    kv_format = get_kv_cache_format(kv_cache)
     source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
     config = AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):  # module names, classes and shapes, without reading weights
@@ -96,8 +104,9 @@ def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: in
     if tied and search_space.search_lm_head:
         log(f"{structure.lm_head_name} is not searched: {TIED_HEAD_REASON}")
     choices = select_layers(skeleton, search_space, structure.lm_head_name, lm_head_tied=tied)
+    check_kv_cache_fits_model(skeleton, kv_format)
     total = sum(p.numel() for p in skeleton.parameters())
-    return Workload(source, tokenizer, search_space, calibration, choices, total, type(skeleton).__name__)
+    return Workload(source, tokenizer, search_space, calibration, choices, total, type(skeleton).__name__, kv_cache=kv_format)
 
 
 def ensure_model(work: Workload, dtype: str, device: str) -> nn.Module:
@@ -126,7 +135,7 @@ def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_bloc
     """Apply ``plan`` to the workload's model (calibrated on its calibration tokens) and write the
     verified checkpoint into the empty ``directory``."""
     model = model_for_apply(work, dtype, device, stream_blocks)
-    apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress)
+    apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress, kv_cache=get_kv_cache_format(plan.kv_cache))
     work.model = None  # ModelOpt packed its weights in place
     return write_checkpoint(model, work.tokenizer, plan, directory)
 
@@ -135,11 +144,11 @@ def apply_and_export(
     plan: Plan, model: str | None, calib: str, samples: int, seq_len: int, dtype: str, device: str, batch_size: int,
     export: Path, overwrite: bool = False, progress: bool = True,
 ) -> VerifyReport:  # fmt: skip
-    """``autoq apply``: a plan applied to a model, calibrated, exported and verified, all or nothing."""
+    """``autoq apply``: a plan (and its KV cache) applied to a model, calibrated, exported and verified, all or nothing."""
     check_output_dir(Path(export), overwrite)
     source, tokenizer, calibration = load_sources(model, calib, samples, seq_len)
     loaded = load_model(source, dtype=dtype, device=device)
-    apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress)
+    apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress, kv_cache=get_kv_cache_format(plan.kv_cache))
     return export_checkpoint(loaded, tokenizer, plan, Path(export), overwrite)
 
 
@@ -207,13 +216,24 @@ def make_plans(work: Workload, scores: ScoreResult, budgets: list[float], object
             plan_from_solution(
                 scores.table, solution.choice, budget_bits=budget, total_params=work.total_params,
                 model=work.model_info(),
-                search_space={"name": work.space.name, "formats": list(work.space.formats), "sha256": work.space.fingerprint},
+                search_space=space_summary(work.space),
                 objective=objective, calibration=work.calibration.describe(),
+                kv_cache=None if work.kv_cache is None else work.kv_cache.name,
             )
         )  # fmt: skip
     low, high = options.min_bits(), options.max_bits()
     grid = sorted({round(low + (high - low) * k / 40, 4) for k in range(41)} | set(budgets))
     return plans, frontier(options, [b for b in grid if b >= low])
+
+
+def space_summary(space: SearchSpace) -> dict:
+    """What a plan records about the search space it was solved in."""
+    summary = {"name": space.name, "formats": list(space.formats), "sha256": space.fingerprint}
+    if space.lm_head_formats is not None:
+        summary["lm_head_formats"] = list(space.lm_head_formats)
+    if space.protect is not None:
+        summary["protect"] = space.protect.describe()
+    return summary
 
 
 def plan_filename(budget: float, many: bool) -> str:

@@ -233,7 +233,7 @@ class SensitivityEngine:
                 yield
             self.parallel.reduce_stats(targets, collector.stats)  # data-parallel: statistics over all ranks
             with record_function("autoq.awq_search"):
-                collector.search_awq(targets, self.parallel.sum_losses)  # data-parallel: AWQ losses over all ranks
+                collector.search_pre_quant_scales(targets, self.parallel.sum_losses)  # data-parallel: AWQ losses over all ranks
 
         with self._progress(len(self.structure.layers) + 1, "calibrating") as bar:
             kept, finals = self.executor.forward(
