@@ -377,9 +377,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from autoq import pipeline
-    from autoq.sweep import SweepConfig, run_sweep
-
-    from autoq.sweep import baseline_names
+    from autoq.sweep import SweepConfig, baseline_names, run_sweep
 
     device = _device(args.device)
     baselines = [b.strip().lower() for b in args.baselines.split(",") if b.strip()]

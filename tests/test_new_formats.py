@@ -405,3 +405,24 @@ def test_bad_formats_and_switches_exit_2_with_one_line_and_write_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("autoq: error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_rows_carry_the_kv_cache_and_new_uniform_baselines(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--kv-cache fp8 quantizes every quantized row's KV cache (the BF16 row keeps 16 bits); the same
+    rows without it are not reused, and measure a smaller KL."""
+    import pandas as pd
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tiny_llama), "--space", "fp8_w4a8", "--bits", "6", "--baselines", "bf16,mxfp8", "--out", str(out),
+            "--calib-samples", "8", "--seq-len", "64", "--eval-samples", "4", "--tasks", "ppl,kl", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--kv-cache", "fp8"]) == 0
+    with_kv = pd.read_csv(out / "results.csv").set_index("row")
+    assert with_kv.loc["bf16", "kv_bits"] == 16 and pd.isna(with_kv.loc["bf16", "kv_cache"])
+    assert (with_kv.loc[["autoq-6", "uniform-MXFP8"], "kv_cache"] == "FP8").all() and (with_kv.loc[["autoq-6", "uniform-MXFP8"], "kv_bits"] == 8).all()
+    assert with_kv.loc["uniform-MXFP8", "stored_bits"] == 8.25
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "not reused, because the configuration changed (kv_cache)" in capsys.readouterr().err
+    without_kv = pd.read_csv(out / "results.csv").set_index("row")
+    assert (without_kv.loc[["autoq-6", "uniform-MXFP8"], "kv_bits"] == 16).all()
+    assert (with_kv.loc[["autoq-6", "uniform-MXFP8"], "kl"] > without_kv.loc[["autoq-6", "uniform-MXFP8"], "kl"]).all()
