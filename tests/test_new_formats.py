@@ -327,16 +327,29 @@ def test_kv_cache_switch_reaches_plan_checkpoint_and_sweep_rows(tiny_llama: Path
     assert get_kv_cache_format("FP8") is KV_CACHE_FORMATS["FP8"] and get_kv_cache_format("none") is None
 
 
-def test_kv_cache_on_a_model_without_attention_the_exporter_knows_is_refused() -> None:
+@pytest.fixture(scope="module")
+def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Phi-3 fuses q/k/v into one ``qkv_proj``: no ``k_proj`` / ``v_proj`` for the exporter to write k/v scales under."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from autoq.default_model import train_tokenizer
+
+    tokenizer = train_tokenizer()
     config = AutoConfig.for_model("phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                  num_key_value_heads=4, vocab_size=128, pad_token_id=0)  # fmt: skip
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)  # fused qkv_proj: no k_proj / v_proj to hold k/v scales
-    check_kv_cache_fits_model(model, None)
+                                  num_key_value_heads=4, vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny-phi3"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_kv_cache_needs_attention_layers_the_exporter_knows(tiny_phi3: Path, tiny_llama: Path) -> None:
+    phi3, llama = (load_model(ModelSource(p, p.name)) for p in (tiny_phi3, tiny_llama))
+    check_kv_cache_fits_model(phi3, None)
+    check_kv_cache_fits_model(llama, KV_CACHE_FORMATS["NVFP4"])
     with pytest.raises(AutoqError, match="--kv-cache fp8: Phi3ForCausalLM has no attention layers the exporter writes KV-cache scales for"):
-        check_kv_cache_fits_model(model, KV_CACHE_FORMATS["FP8"])
+        check_kv_cache_fits_model(phi3, KV_CACHE_FORMATS["FP8"])
 
 
 def _write(path: Path, text: str) -> Path:
@@ -369,6 +382,8 @@ BAD = {
     "MXFP8 planned on 48 inputs": (["apply", "{plan_mx}", "--model", "{model48}", "--export", "{out}"], "model.layers.0.self_attn.q_proj"),
     "--kv-cache unknown": (["search", "--bits", "6", "--model", "{model}", "--kv-cache", "int4"], "argument --kv-cache: invalid choice"),
     "kv_cache unknown in a plan": (["apply", "{plan_kv}", "--model", "{model}", "--export", "{out}"], "unknown KV-cache format 'INT4'"),
+    "--kv-cache without k_proj/v_proj": (["search", "--bits", "12", "--model", "{phi3}", "--kv-cache", "fp8"],
+                                         "--kv-cache fp8: Phi3ForCausalLM has no attention layers the exporter writes KV-cache scales for"),
     "--protect garbage": (["search", "--bits", "6", "--model", "{model}", "--protect", "first=x"], "--protect first must be a non-negative integer"),
     "--protect unknown format": (["search", "--bits", "6", "--model", "{model}", "--protect", "first=1,format=FP6"], "unknown format 'FP6'"),
 }  # fmt: skip
@@ -385,7 +400,7 @@ def tiny_llama_48(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_formats_and_switches_exit_2_with_one_line_and_write_nothing(
-    case: str, tiny_llama: Path, tiny_llama_48: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    case: str, tiny_llama: Path, tiny_llama_48: Path, tiny_phi3: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     def plan(layers: dict[str, str], **extra) -> str:
         return json.dumps({"schema": "autoq.plan", "version": 1, "layers": {n: {"format": f} for n, f in layers.items()}, **extra})
@@ -395,7 +410,7 @@ def test_bad_formats_and_switches_exit_2_with_one_line_and_write_nothing(
         "plan_mx": ("plan.json", plan({"model.layers.0.self_attn.q_proj": "MXFP8"})),
         "plan_kv": ("plan.json", plan({"model.layers.0.mlp.up_proj": "FP8"}, kv_cache="INT4")),
     }
-    values = {"model": str(tiny_llama), "model48": str(tiny_llama_48), "out": str(tmp_path / "out")}
+    values = {"model": str(tiny_llama), "model48": str(tiny_llama_48), "phi3": str(tiny_phi3), "out": str(tmp_path / "out")}
     for key, (filename, text) in files.items():
         values[key] = str(_write(tmp_path / f"{key}-{filename}", text))
     argv, message = BAD[case]
