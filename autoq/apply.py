@@ -1,15 +1,18 @@
 """Apply a plan with NVIDIA ModelOpt, calibrate, and export a unified HF checkpoint.
 
-The plan becomes ModelOpt ``quant_cfg`` entries, one per quantizer of every planned layer.
-Calibration follows each format's needs: AWQ-lite for W4A8 / INT4_AWQ layers, ``max`` for the
-rest, each pass with the other group's quantizers switched off. Export goes through ``modelopt.torch.export.export_hf_checkpoint`` into a
-temporary directory that is verified (``autoq.verify``) before it is renamed into place.
+The plan becomes ModelOpt ``quant_cfg`` entries, one per quantizer of every planned layer, plus
+the KV-cache preset's ``*[kv]_bmm_quantizer`` entry when a KV cache is asked for. Calibration
+follows each format's needs: AWQ-lite for W4A8 / INT4_AWQ layers, SmoothQuant for INT8_SQ, ``max``
+for the rest and the KV cache, each pass with the other groups' quantizers switched off. Export
+goes through ``modelopt.torch.export.export_hf_checkpoint`` into a temporary directory that is
+verified (``autoq.verify``) before it is renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +26,7 @@ from autoq import fakequant
 from autoq.calibstate import CalibrationState
 from autoq.decoder import shared_input_readers
 from autoq.errors import AutoqError, atomic_output_dir
-from autoq.formats import FORMATS
+from autoq.formats import FORMATS, KVCacheFormat, get_kv_cache_format
 from autoq.manifest import write_manifest
 from autoq.model import TIED_HEAD_REASON, lm_head_is_tied
 from autoq.plan import Plan
@@ -49,14 +52,38 @@ def _quantizer_name(layer: str, quantizer: str) -> str:
     return f"{layer}.{quantizer}"
 
 
-def modelopt_config(formats: dict[str, str]) -> dict:
-    """The ModelOpt quantize config realising ``formats`` (layer name -> format name)."""
+def modelopt_config(formats: dict[str, str], kv_cache: KVCacheFormat | None = None) -> dict:
+    """The ModelOpt quantize config realising ``formats`` (layer name -> format name) and the KV cache."""
     quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, fmt_name in formats.items():
         for quantizer, cfg in FORMATS[fmt_name].modelopt_quantizer_cfgs().items():
             if cfg is not None:
                 quant_cfg.append({"quantizer_name": _quantizer_name(name, quantizer), "cfg": cfg})
+    if kv_cache is not None:
+        quant_cfg += kv_cache.modelopt_quant_cfg()
     return {"quant_cfg": quant_cfg, "algorithm": "max"}
+
+
+def kv_cache_attention_layers(model: nn.Module) -> list[str]:
+    """Attention modules whose KV cache ModelOpt's export quantizes and writes scales for: transformers
+    attention classes on the attention-function interface (ModelOpt's ``_QuantAttention`` test: the
+    class's module has ``ALL_ATTENTION_FUNCTIONS``) with ``k_proj`` and ``v_proj`` linears, the names
+    the exporter writes ``k_proj.k_scale`` / ``v_proj.v_scale`` under."""
+    found = []
+    for name, module in model.named_modules():
+        cls = next((c for c in type(module).__mro__ if c.__module__.startswith("transformers.")), type(module))
+        if not cls.__name__.endswith("Attention") or getattr(inspect.getmodule(cls), "ALL_ATTENTION_FUNCTIONS", None) is None:
+            continue
+        if all(isinstance(getattr(module, proj, None), nn.Linear) for proj in ("k_proj", "v_proj")):
+            found.append(name)
+    return found
+
+
+def check_kv_cache_fits_model(model: nn.Module, kv_cache: KVCacheFormat | None) -> None:
+    """A KV cache needs attention layers the exporter knows (``kv_cache_attention_layers``)."""
+    if kv_cache is not None and not kv_cache_attention_layers(model):
+        raise AutoqError(f"--kv-cache {kv_cache.name.lower()}: {type(model).__name__} has no attention layers the exporter "
+                         "writes KV-cache scales for (transformers attention modules with k_proj and v_proj linears)")  # fmt: skip
 
 
 def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids: torch.Tensor) -> None:
@@ -85,17 +112,23 @@ def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids:
 
 
 TORCH_NVFP4_BACKEND = "autoq_torch_nvfp4"
+TORCH_MXFP8_BACKEND = "autoq_torch_mxfp8"
 
 
 def _torch_nvfp4(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
     return fakequant.nvfp4(inputs, quantizer.amax.float(), quantizer.block_sizes[-1])
 
 
-def _register_torch_nvfp4() -> None:
+def _torch_mxfp8(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    return fakequant.mxfp8(inputs, quantizer.block_sizes[-1])
+
+
+def _register_torch_backends() -> None:
     from modelopt.torch.quantization.nn import is_registered_quant_backend, register_quant_backend
 
-    if not is_registered_quant_backend(TORCH_NVFP4_BACKEND):
-        register_quant_backend(TORCH_NVFP4_BACKEND, _torch_nvfp4)
+    for name, backend in ((TORCH_NVFP4_BACKEND, _torch_nvfp4), (TORCH_MXFP8_BACKEND, _torch_mxfp8)):
+        if not is_registered_quant_backend(name):
+            register_quant_backend(name, backend)
 
 
 def _is_nvfp4(cfg: dict) -> bool:
@@ -114,7 +147,7 @@ def torch_nvfp4_preset(preset: str) -> dict:
 
     import modelopt.torch.quantization as mtq
 
-    _register_torch_nvfp4()
+    _register_torch_backends()
     config = copy.deepcopy(getattr(mtq, preset))
     for entry in config["quant_cfg"]:
         cfg = entry.get("cfg")
@@ -124,21 +157,27 @@ def torch_nvfp4_preset(preset: str) -> dict:
 
 
 def use_torch_nvfp4_off_cuda(model: nn.Module) -> int:
-    """Route NVFP4 fake quantization of a non-CUDA model through ``autoq.fakequant``.
+    """Route NVFP4 and MXFP8 fake quantization of a non-CUDA model through ``autoq.fakequant``.
 
-    ModelOpt's NVFP4 fake-quant kernels are CUDA/Triton only; its quantizers accept a registered
-    functional backend, so the same calibrated quantizers run on CPU with our bit-matched
-    implementation. Returns how many quantizers were switched.
+    ModelOpt's NVFP4 and MX fake-quant kernels are CUDA/Triton only; its quantizers accept a
+    registered functional backend, so the same calibrated quantizers run on CPU with our
+    bit-matched implementations. Returns how many quantizers were switched.
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    _register_torch_nvfp4()
+    _register_torch_backends()
+    on_cuda = any(p.is_cuda for p in model.parameters())
     switched = 0
     for module in model.modules():
         blocks = getattr(module, "block_sizes", None) if isinstance(module, TensorQuantizer) else None
-        nvfp4 = blocks and blocks.get("type") == "dynamic" and module.num_bits == (2, 1)
+        dynamic = bool(blocks) and blocks.get("type") == "dynamic"
+        nvfp4 = dynamic and module.num_bits == (2, 1) and blocks.get("scale_bits") == (4, 3)
+        mxfp8 = dynamic and module.num_bits == (4, 3) and blocks.get("scale_bits") == (8, 0)
         if nvfp4 and module.amax is not None and not module.amax.is_cuda:
             module.backend = TORCH_NVFP4_BACKEND
+            switched += 1
+        elif mxfp8 and not on_cuda:  # MX quantizers hold no tensor to tell their device by
+            module.backend = TORCH_MXFP8_BACKEND
             switched += 1
     return switched
 
@@ -151,35 +190,62 @@ def _forward_loop(batches: list[torch.Tensor], device: torch.device, desc: str, 
     return loop
 
 
-def apply_plan(model: nn.Module, formats: dict[str, str], batches: list[torch.Tensor], progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place with ModelOpt as ``formats`` says, calibrated on ``batches``.
+# Calibration passes in order: the pre-scaling algorithms smooth weights in place, so they run first,
+# and later passes see their layers' unquantized originals.
+# debug: awq_lite keeps its per-layer search results (module.awq_lite), read by modelopt_calibration_state.
+_PASSES = (("awq_lite", {"method": "awq_lite", "alpha_step": 0.1, "debug": True}), ("smoothquant", "smoothquant"), ("max", "max"))
 
-    AWQ layers are quantized and calibrated first (awq_lite, the others off); then the remaining
-    layers are configured and max-calibrated with the AWQ layers' unquantized originals in their
-    place (AWQ smooths weights in place, and a smoothed layer's output differs in the last bits).
-    So every layer is calibrated on the unquantized model's own activations, and its scales do not
-    depend on the other layers' formats (``autoq.measure`` relies on it).
+
+def apply_plan(
+    model: nn.Module, formats: dict[str, str], batches: list[torch.Tensor], progress: bool = True,
+    kv_cache: KVCacheFormat | None = None,
+) -> nn.Module:  # fmt: skip
+    """Quantize ``model`` in place with ModelOpt as ``formats`` says (and its KV cache as ``kv_cache``
+    says), calibrated on ``batches``.
+
+    One calibration pass per algorithm the plan needs: AWQ layers first (awq_lite, the others off),
+    then SmoothQuant layers, then the remaining layers and the KV cache (max), each later pass with
+    the earlier passes' layers swapped back to their unquantized originals (AWQ and SmoothQuant
+    smooth weights in place, and a smoothed layer's output differs in the last bits). So every
+    layer is calibrated on the unquantized model's own activations, and its scales do not depend
+    on the other layers' formats (``autoq.measure`` relies on it).
     """
     import modelopt.torch.quantization as mtq
 
     device = next(model.parameters()).device
     check_plan_fits_model(model, formats, batches[0][:1, :64].to(device))
-    awq = {n: f for n, f in formats.items() if FORMATS[f].calibration == "awq_lite"}
-    rest = {n: f for n, f in formats.items() if n not in awq}
+    check_kv_cache_fits_model(model, kv_cache)
+    groups = {calibration: {} for calibration, _ in _PASSES}
+    for name, fmt in formats.items():
+        groups["max" if FORMATS[fmt].calibration in (None, "max") else FORMATS[fmt].calibration][name] = fmt
+    passes = [(groups[c], algorithm, kv_cache if c == "max" else None) for c, algorithm in _PASSES]
+    passes = [p for p in passes if p[0] or p[2] is not None] or [({}, "max", None)]  # nothing planned: ModelOpt still wraps the model
+    originals: dict[str, nn.Module] = {}
     with modelopt_quietly():
-        if not awq:
-            mtq.quantize(model, modelopt_config(rest), _forward_loop(batches, device, "calibrating (max)", progress))
-            return _as_exported(model)
-        rest_quant_cfg = modelopt_config(rest)["quant_cfg"][1:]  # without the leading "disable everything"
-        originals = {n: copy.deepcopy(model.get_submodule(n)).cpu() for n in awq} if rest_quant_cfg else {}
-        # debug: awq_lite keeps its per-layer search results (module.awq_lite), read by modelopt_calibration_state
-        awq_config = {**modelopt_config(awq), "algorithm": {"method": "awq_lite", "alpha_step": 0.1, "debug": True}}
-        mtq.quantize(model, awq_config, _forward_loop(batches, device, "calibrating (AWQ)", progress))
-        if rest_quant_cfg:
-            mtq.set_quantizer_by_cfg(model, rest_quant_cfg)
-            with _swapped_in(model, originals, device):
-                mtq.calibrate(model, algorithm="max", forward_loop=_forward_loop(batches, device, "calibrating (max)", progress))
-        return _as_exported(model)
+        for index, (layers, algorithm, kv) in enumerate(passes):
+            if index + 1 < len(passes):  # later passes run with these layers unquantized
+                originals |= {n: copy.deepcopy(model.get_submodule(n)).cpu() for n in layers}
+            config = {**modelopt_config(layers, kv), "algorithm": algorithm}
+            loop = _forward_loop(batches, device, f"calibrating ({config['algorithm'] if isinstance(algorithm, str) else 'AWQ'})", progress)
+            if index == 0:
+                mtq.quantize(model, config, loop)
+                continue
+            mtq.set_quantizer_by_cfg(model, config["quant_cfg"][1:])  # without the leading "disable everything"
+            with _swapped_in(model, {n: m for n, m in originals.items() if n not in layers}, device):
+                mtq.calibrate(model, algorithm=algorithm, forward_loop=loop)
+    if kv_cache is not None:
+        _check_kv_cache_calibrated(model, kv_cache)
+    return _as_exported(model)
+
+
+def _check_kv_cache_calibrated(model: nn.Module, kv_cache: KVCacheFormat) -> None:
+    """ModelOpt wrapped and calibrated the k/v quantizers of every attention layer the exporter knows."""
+    for name in kv_cache_attention_layers(model):
+        module = model.get_submodule(name)
+        quantizers = [getattr(module, q, None) for q in ("k_bmm_quantizer", "v_bmm_quantizer")]
+        if not all(q is not None and q.is_enabled and q.amax is not None for q in quantizers):
+            raise AutoqError(f"--kv-cache {kv_cache.name.lower()}: ModelOpt did not calibrate the KV cache of {name} "
+                             f"({type(module).__name__})")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -288,7 +354,8 @@ def write_checkpoint(model: nn.Module, tokenizer, plan: Plan, directory: Path) -
         export_hf_checkpoint(model, dtype=dtype, export_dir=directory)
     tokenizer.save_pretrained(directory)
     plan.save(Path(directory) / "autoq_plan.json")
-    report = verify_checkpoint(directory, exported_formats)
+    kv_cache = get_kv_cache_format(plan.kv_cache)
+    report = verify_checkpoint(directory, exported_formats, kv_cache=None if kv_cache is None else kv_cache.hf_quant_algo)
     if report.problems:
         raise AutoqError(f"exported checkpoint failed verification: {report.problems[0]} ({len(report.problems)} problem(s))")
     write_manifest(directory)  # last: every file's and tensor's sha256, for `autoq verify`

@@ -3,7 +3,8 @@
 Per searched layer, from forward pre-hooks during the calibration pass: the per-input-channel
 amax (activation scales of every format), and for AWQ formats the mean |x| per channel and an
 evenly spaced sample of tokens, from which the AWQ scale search (``autoq.awq``, ModelOpt's
-``awq_lite`` grid and loss) picks each AWQ format's pre-quantization scale.
+``awq_lite`` grid and loss) picks each AWQ format's pre-quantization scale. SmoothQuant formats
+(INT8_SQ) take theirs from the per-channel amax alone (``autoq.smoothquant``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autoq import awq, fakequant
+from autoq import awq, fakequant, smoothquant
 from autoq.hooks import HooksMixin
 from autoq.targets import Target
 
@@ -83,14 +84,18 @@ class StatsCollector(HooksMixin):
             picks = torch.linspace(0, flat.shape[0] - 1, count, device=flat.device)
             s.awq_samples.append(flat[picks.long()].clone())
 
-    def search_awq(self, targets: list[Target], sum_losses: awq.LossReduction = awq.this_process, batch_elements: int = 0) -> None:
-        """AWQ pre-quantization scales of ``targets`` (whose inputs have all been seen).
+    def search_pre_quant_scales(self, targets: list[Target], sum_losses: awq.LossReduction = awq.this_process, batch_elements: int = 0) -> None:
+        """AWQ and SmoothQuant pre-quantization scales of ``targets`` (whose inputs have all been seen).
 
-        ``sum_losses``: adds up the grid's per-alpha losses over data-parallel ranks;
+        ``sum_losses``: adds up the AWQ grid's per-alpha losses over data-parallel ranks;
         ``batch_elements``: see ``awq.search_pre_quant_scale``.
         """
         for target in targets:
             s = self.stats[target.name]
+            if s.channel_amax is not None:
+                for fmt in target.formats:
+                    if fmt.calibration == "smoothquant":
+                        s.pre_quant_scale[fmt.name] = smoothquant.pre_quant_scale(s.channel_amax, target.weight)
             if not s.awq_samples:
                 continue
             sample = torch.cat(s.awq_samples)

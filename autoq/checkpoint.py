@@ -2,11 +2,15 @@
 
 ``load_fake_quant_model`` rebuilds a model whose quantized linears run the weights decoded from
 the checkpoint (``autoq.codec``) and fake-quantized activations (``input_scale`` gives the static
-amax): what a runtime computes, in plain PyTorch, on any device.
+amax; MXFP8 scales every input block dynamically), and whose attention layers, when the checkpoint
+quantizes the KV cache, attend to fake-quantized keys and values (after RoPE, as ModelOpt's k/v
+quantizers and a runtime's cache see them; ``k_scale`` / ``v_scale`` give their static amax):
+what a runtime computes, in plain PyTorch, on any device.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -18,7 +22,7 @@ from torch import nn
 
 from autoq.codec import ACTIVATION_LARGEST_CODE, dequantize_weight, read_headers, read_layer_tensors
 from autoq.errors import AutoqError
-from autoq.formats import FORMATS, Format
+from autoq.formats import FORMATS, KV_CACHE_FORMATS, KV_CACHE_SCALE_TO_AMAX, Format, KVCacheFormat
 
 
 def read_quant_config(checkpoint: Path) -> dict:
@@ -73,14 +77,14 @@ class FakeQuantLinear(nn.Module):
         pre_quant_scale = tensors.get("pre_quant_scale")
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
         amax = None
-        if fmt.activation is not None:
+        if fmt.static_activation:
             amax = tensors["input_scale"].float().reshape(1) * ACTIVATION_LARGEST_CODE[fmt.activation]
         self.register_buffer("input_amax", amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        if self.input_amax is not None:
+        if self.fmt.activation is not None:
             x = self.fmt.quantize_input(x, self.input_amax)
         return F.linear(x, self.weight, self.bias)
 
@@ -119,12 +123,62 @@ def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu") 
         parent, _, child = name.rpartition(".")
         layer = FakeQuantLinear(FORMATS[fmt_name], tensors, tensors.get("bias"), dtype)
         setattr(modules[parent] if parent else model, child, layer)
+    kv_scales = {k: state.pop(k) for k in list(state) if k.endswith((".k_proj.k_scale", ".v_proj.v_scale"))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.rpartition(".")[0] not in formats and not _tied(model, k)]
     if missing or unexpected:
         raise AutoqError(f"{checkpoint}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
     model.tie_weights()
+    kv_algo = read_quant_config(checkpoint).get("kv_cache_quant_algo")
+    if kv_algo is not None:
+        if kv_algo not in KV_CACHE_FORMATS:
+            raise AutoqError(f"{checkpoint}: kv_cache_quant_algo {kv_algo!r} is not one autoq can run ({', '.join(KV_CACHE_FORMATS)})")
+        quantize_kv_cache(model, KV_CACHE_FORMATS[kv_algo], kv_scales)
     return model.to(device).eval().requires_grad_(False)
+
+
+_KV_ATTENTION = "autoq_kv_cache"
+
+
+def _kv_quantized_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+    """The model's own attention function on fake-quantized keys and values (``quantize_kv_cache``)."""
+    kv = getattr(module, "autoq_kv_cache", None)
+    if kv is not None:
+        key, value = kv.quantize(key, module.autoq_k_amax), kv.quantize(value, module.autoq_v_amax)
+    return _original_attention(module)(module, query, key, value, *args, **kwargs)
+
+
+def _original_attention(module: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation = module.autoq_attention
+    if implementation == "eager":  # each model's own module defines it
+        return inspect.getmodule(type(module)).eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def quantize_kv_cache(model: nn.Module, kv_cache: KVCacheFormat, scales: dict[str, torch.Tensor]) -> None:
+    """Make every attention layer with ``<attn>.k_proj.k_scale`` / ``v_proj.v_scale`` in ``scales``
+    attend to keys and values fake-quantized as ``kv_cache`` (amax = scale * 448), through an attention
+    implementation registered with transformers that wraps the model's own."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation = model.config._attn_implementation
+    name = f"{_KV_ATTENTION}_{implementation}"
+    ALL_ATTENTION_FUNCTIONS.register(name, _kv_quantized_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    layers = {k.rsplit(".", 2)[0] for k in scales}
+    modules = dict(model.named_modules())
+    for layer in sorted(layers):
+        k_scale, v_scale = scales.get(f"{layer}.k_proj.k_scale"), scales.get(f"{layer}.v_proj.v_scale")
+        if layer not in modules or k_scale is None or v_scale is None:
+            raise AutoqError(f"KV-cache scales of {layer} do not match an attention layer with both k_scale and v_scale")
+        attention = modules[layer]
+        attention.autoq_kv_cache, attention.autoq_attention = kv_cache, implementation
+        attention.register_buffer("autoq_k_amax", k_scale.float().reshape(()) * KV_CACHE_SCALE_TO_AMAX)
+        attention.register_buffer("autoq_v_amax", v_scale.float().reshape(()) * KV_CACHE_SCALE_TO_AMAX)
+    model.config._attn_implementation = name  # the setter passes it on to sub-configs
 
 
 def _tied(model: nn.Module, key: str) -> bool:

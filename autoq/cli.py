@@ -62,6 +62,17 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
+KV_CACHE_CHOICES = ["none", "fp8", "nvfp4"]
+
+
+def _add_deployment_args(parser: argparse.ArgumentParser) -> None:
+    """Switches that shape what is exported, not how layers are scored (search, sweep)."""
+    parser.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="none",
+                        help="quantize the KV cache too (calibrated k/v scales in the checkpoint; not part of scoring; default: none)")  # fmt: skip
+    parser.add_argument("--protect", default=None, metavar="first=N,last=M[,format=F]",
+                        help="pin the first N and last M decoder blocks to F (default BF16), over the space's own 'protect'")  # fmt: skip
+
+
 def _add_workload_args(parser: argparse.ArgumentParser, calibration_per_device: bool = False) -> None:
     parser.add_argument("--model", help="HF model directory, hub id, .gguf file, or 'synthetic' (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--space", default="default", help="search space: built-in name or YAML path (default: default)")
@@ -114,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     search.add_argument("--gpus", type=_positive_int, default=None,
                         help="score on N GPUs of this host, one process each (torchrun); with --device cpu, N CPU processes")  # fmt: skip
+    _add_deployment_args(search)
     search.set_defaults(func=cmd_search)
 
     front = commands.add_parser("frontier", help="score/size trade-off for all budgets from a search's scores (no model work)")
@@ -139,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arg(apply)
     apply.add_argument("--cache-dir", type=Path, default=None,
                        help="score cache holding the search's calibration state (default: $AUTOQ_CACHE or ~/.cache/autoq)")  # fmt: skip
+    apply.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=None,
+                       help="quantize the KV cache too (default: the plan's kv_cache, else none)")  # fmt: skip
     apply.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     apply.add_argument("--no-progress", action="store_true", help="no progress bars")
     apply.set_defaults(func=cmd_apply)
@@ -159,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_args(sweep)
     _add_eval_args(sweep)
     sweep.add_argument("--baselines", default="bf16,fp8,w4a8,nvfp4,modelopt",
-                       help="comma list of bf16, fp8, w4a8, nvfp4, modelopt (default: all)")  # fmt: skip
+                       help="comma list of bf16, modelopt and uniform formats (fp8, w4a8, nvfp4, mxfp8, w4a16_nvfp4, int8_sq, int4_awq) "
+                            "(default: bf16,fp8,w4a8,nvfp4,modelopt)")  # fmt: skip
+    _add_deployment_args(sweep)
     sweep.add_argument("--keep-checkpoints", action="store_true", help="keep every row's exported checkpoint")
     sweep.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     sweep.set_defaults(func=cmd_sweep)
@@ -260,7 +276,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return distributed.launch(args.gpus, args.argv)  # torchrun's machinery runs this command in each process
     # Under torchrun: every rank scores its share of the steps; rank 0 alone goes on from there.
     with distributed.process_group(device, args.gpus) as (parallel, device):  # each rank: its own device
-        work = pipeline.prepare(args.model, args.space, args.calib, *_calibration_size(args, device), args.trust_remote_code)
+        work = pipeline.prepare(args.model, args.space, args.calib, *_calibration_size(args, device),
+                                trust_remote_code=args.trust_remote_code, protect=args.protect, kv_cache=args.kv_cache)  # fmt: skip
         pipeline.check_outputs_apart(work.source, args.out, args.export)
         if work.synthetic:
             pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised, not a trained LM): numbers are real "
@@ -280,7 +297,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         a = plan.achieved
         shares = ", ".join(f"{fmt} {share:.0%}" for fmt, share in a["format_share"].items())
         pipeline.log(f"--bits {plan.budget['effective_bits']:g}: {a['searched_effective_bits']:.3f} bits on searched layers, "
-                     f"{a['model_effective_bits']:.3f} on the whole model, total score {a['total_score']:.4g} ({shares})")  # fmt: skip
+                     f"{a['model_effective_bits']:.3f} on the whole model, total score {a['total_score']:.4g} ({shares})"
+                     + _kv_note(plan.kv_cache))  # fmt: skip
     # --out and --export appear together, or (on any failure) neither does.
     with atomic_output_dirs(*outputs) as staged:
         pipeline.write_search_outputs(staged[0], scores, plans, curve, summary)
@@ -357,11 +375,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     device = _device(args.device)
     pipeline.preflight_outputs((args.export, args.overwrite))
     plan = load_plan(args.plan)
+    if args.kv_cache is not None:
+        from autoq.formats import get_kv_cache_format
+
+        kv_format = get_kv_cache_format(args.kv_cache)
+        plan.kv_cache = None if kv_format is None else kv_format.name
     report = pipeline.apply_and_export(plan, args.model, args.calib, args.calib_samples, args.seq_len, args.dtype, device,
                                        args.batch_size, args.export, args.overwrite, progress=not args.no_progress,
                                        engine=args.engine, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)  # fmt: skip
     pipeline.log(f"exported and verified {args.export}/ ({len(plan.layers)} planned layers, "
-                 f"{report.effective_bits:.3f} bits per planned weight as stored)")  # fmt: skip
+                 f"{report.effective_bits:.3f} bits per planned weight as stored{_kv_note(plan.kv_cache)})")  # fmt: skip
     return 0
 
 
@@ -389,27 +412,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from autoq import pipeline
-    from autoq.sweep import SweepConfig, run_sweep
+    from autoq.sweep import SweepConfig, baseline_names, run_sweep
 
     device = _device(args.device)
     baselines = [b.strip().lower() for b in args.baselines.split(",") if b.strip()]
-    unknown = set(baselines) - {"bf16", "fp8", "w4a8", "nvfp4", "modelopt"}
+    unknown = set(baselines) - set(baseline_names())
     if unknown:
-        raise AutoqError(f"unknown baselines {sorted(unknown)}; choose from bf16, fp8, w4a8, nvfp4, modelopt")
+        raise AutoqError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(baseline_names())}")
     config = SweepConfig(
         budgets=args.bits, tasks=args.tasks.split(","), baselines=baselines, eval_samples=args.eval_samples,
         eval_data=str(args.eval_data) if args.eval_data else None, few_shot=args.num_fewshot, limit=args.limit,
         max_length=args.max_length, batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints,
     )  # fmt: skip
     config.eval_spec()  # unknown tasks or missing eval data: fail before any model work
-    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len, args.trust_remote_code)
+    work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len,
+                            trust_remote_code=args.trust_remote_code, protect=args.protect, kv_cache=args.kv_cache)  # fmt: skip
     pipeline.check_outputs_apart(work.source, args.out)
     if work.synthetic:
         pipeline.log(f"model {work.source.name} is SYNTHETIC (randomly initialised): results describe a random network")
     options = _scoring_options(args, device, progress=not args.no_progress)
     scores = pipeline.score(work, options, dtype=args.dtype, cache_dir=args.cache_dir)
     table = run_sweep(work, scores, config, args.out, args.dtype, device, args.objective, not args.no_progress, args.stream_blocks)
-    columns = [c for c in ["method", "budget_bits", "searched_bits", "size_bytes", "ppl", "kl", "mmlu_acc"] if c in table]
+    columns = [c for c in ["method", "budget_bits", "searched_bits", "kv_cache", "size_bytes", "ppl", "kl", "mmlu_acc"] if c in table]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
     pipeline.log(f"wrote {args.out}/ (results.csv, results.parquet, plans/, rows/)")
     return 0
@@ -490,7 +514,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from autoq.interop.vllm import vllm_problems
 
         config = json.loads((args.checkpoint / "config.json").read_text()) if (args.checkpoint / "config.json").is_file() else {}
-        problems += [f"vllm: {p}" for p in vllm_problems(read_quant_config(args.checkpoint), config.get("quantization_config"))]
+        tied = bool(config.get("tie_word_embeddings", False))
+        problems += [f"vllm: {p}" for p in vllm_problems(read_quant_config(args.checkpoint), config.get("quantization_config"), tied)]
     errors = reference_errors(args.checkpoint, formats, args.model) if args.model else {}
     for name, fmt in formats.items():
         line = f"{name:60s} {fmt:9s} {report.layer_bits.get(name, 0) / max(1, report.layer_params.get(name, 1)):6.3f} bits"
@@ -500,6 +525,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"# {len(formats)} quantized layers, {report.effective_bits:.4f} bits per weight as stored")
     if not report.hashed:
         print("# no autoq_manifest.json (not exported by autoq): file contents not checked against hashes")
+    if report.kv_cache is not None:
+        print(f"# KV cache {report.kv_cache}: {report.kv_bits_per_element:g} bits per cached element, "
+              f"k/v scales for {report.kv_layers} attention layers (not in the weight bits)")  # fmt: skip
     for problem in problems:
         print(f"autoq: verify: {problem}", file=sys.stderr)
     if problems:
@@ -513,6 +541,13 @@ def _calibration_size(args: argparse.Namespace, device: str) -> tuple[int, int]:
     """--calib-samples and --seq-len, or where not given, ``DEFAULT_CALIBRATION`` for the device."""
     samples, seq_len = DEFAULT_CALIBRATION["cuda" if device.startswith("cuda") else "cpu"]
     return (samples if args.calib_samples is None else args.calib_samples, seq_len if args.seq_len is None else args.seq_len)
+
+
+def _kv_note(kv_cache: str | None) -> str:
+    """The KV cache beside the weight bits, never in them."""
+    from autoq.formats import KV_CACHE_FORMATS
+
+    return "" if kv_cache is None else f"; KV cache {kv_cache}: {KV_CACHE_FORMATS[kv_cache].bits_per_element:g} bits per cached element"
 
 
 def _scoring_options(args: argparse.Namespace, device: str | None, progress: bool):

@@ -10,6 +10,10 @@ turns those back into the float weight a runtime computes with (codes times stor
 * INT4 (W4A8, INT4_AWQ): two signed codes per byte packed along the output dimension (row 2r in
   the low nibble, 2r+1 in the high one) times the per-group-of-128 FP32 ``weight_scale``. W4A8
   then re-expresses the values on the per-tensor FP8 grid whose scale is ``weight_scale_2``.
+* NVFP4 weights without activation quantization (W4A16_NVFP4): the NVFP4 codec.
+* MXFP8: ``weight`` (E4M3) times ``2^(e - 127)`` for the block's E8M0 ``weight_scale`` byte ``e``
+  (one per 32 values along the input dimension).
+* INT8 (INT8_SQ): ``weight`` (int8) times the per-output-channel FP32 ``weight_scale``.
 
 ``encode`` stores the scales exactly as ModelOpt 0.47's exporter computes them (``amax`` divided by
 the largest code; a zero amax gives scale 1) and the codes nearest ``W / scale`` in float32: the
@@ -18,6 +22,9 @@ path divides in the model dtype (bfloat16) before casting, rounding twice; autoq
 Fake quantization (``Format.quantize_weight``) multiplies by the reciprocal scale instead, so
 ``decode(encode(W))`` equals it except where ``W / scale`` and ``W * (1 / scale)`` fall on two sides
 of a rounding boundary (tests/test_codec.py measures how rarely).
+MXFP8 stores the E8M0 exponents and E4M3 codes fake quantization computes (bit for bit); INT8_SQ
+stores the per-channel multiplier ``1 / scale`` (its codes equal fake quantization's, values within
+one float32 ulp).
 """
 
 from __future__ import annotations
@@ -133,7 +140,7 @@ def input_scale(fmt: Format, amax: torch.Tensor) -> torch.Tensor:
 
 
 # Largest code of each activation grid: input_scale = amax / it.
-ACTIVATION_LARGEST_CODE = {"fp8": fakequant.FP8_E4M3_MAX, "nvfp4": fakequant.FP4_E2M1_MAX * fakequant.FP8_E4M3_MAX}
+ACTIVATION_LARGEST_CODE = {"fp8": fakequant.FP8_E4M3_MAX, "nvfp4": fakequant.FP4_E2M1_MAX * fakequant.FP8_E4M3_MAX, "int8": 127.0}
 
 
 class WeightCodec(ABC):
@@ -224,6 +231,30 @@ class INT4Codec(WeightCodec):
         return values
 
 
+class MXFP8Codec(WeightCodec):
+    def __init__(self, block: int = fakequant.MXFP8_BLOCK):
+        self.block = block
+
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        exponents = fakequant.mxfp8_exponents(weight, self.block)  # no per-tensor scale: tensor_amax plays no part
+        return {"weight": fakequant.mxfp8_codes(weight, exponents, self.block), "weight_scale": exponents}
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return fakequant.mxfp8_decode(stored["weight"], stored["weight_scale"], self.block).to(dtype)
+
+
+class INT8Codec(WeightCodec):
+    """INT8 with one scale per output channel (ModelOpt's ``axis=0`` weight quantizer)."""
+
+    def encode(self, weight: torch.Tensor, tensor_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        in_features = weight.shape[-1]
+        scale, codes = fakequant.int_block_codes(weight, fakequant.int_block_amax(weight, in_features), 8, in_features)
+        return {"weight": codes.reshape(weight.shape).to(torch.int8), "weight_scale": (1.0 / scale.double()).float().reshape(-1)}
+
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (stored["weight"].float() * stored["weight_scale"].float().unsqueeze(-1)).to(dtype)
+
+
 def codec_for(fmt: Format) -> WeightCodec:
     if fmt.weight == "fp8":
         return FP8Codec()
@@ -231,6 +262,10 @@ def codec_for(fmt: Format) -> WeightCodec:
         return NVFP4Codec(fmt.weight_block)
     if fmt.weight == "int4":
         return INT4Codec(fmt.weight_block, fp8_stage=fmt.activation == "fp8")
+    if fmt.weight == "mxfp8":
+        return MXFP8Codec(fmt.weight_block)
+    if fmt.weight == "int8":
+        return INT8Codec()
     raise AutoqError(f"format {fmt.name} stores no quantized weight")
 
 

@@ -150,8 +150,10 @@ def evaluate_target(
     reference = ensure_model(work, dtype, device) if (checkpoint is None or "kl" in spec.proxies) else None
     if plan is not None:
         from autoq.apply import apply_plan
+        from autoq.formats import get_kv_cache_format
 
-        model = apply_plan(copy.deepcopy(reference), plan.formats(), work.calibration.batches(spec.batch_size), progress=progress)
+        model = apply_plan(copy.deepcopy(reference), plan.formats(), work.calibration.batches(spec.batch_size), progress=progress,
+                           kv_cache=get_kv_cache_format(plan.kv_cache))  # fmt: skip
     elif checkpoint is not None:
         from autoq.checkpoint import load_fake_quant_model
 

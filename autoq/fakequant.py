@@ -7,11 +7,15 @@ call on any device, so these mirror ModelOpt's arithmetic step for step:
 * FP8 E4M3 per-tensor: ``modelopt.torch.quantization.tensor_quant._fp8_eager``.
 * NVFP4 (E2M1 values, FP8-E4M3 scale per 16 values, FP32 global scale): the Triton kernel
   ``modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper.fp4_fake_quant_block``.
-* INT4 with static per-block amax: ``tensor_quant._tensor_quant`` (symmetric, full range
-  [-8, 7], round half to even).
+* INT4 with static per-block amax, INT8 per channel and per tensor: ``tensor_quant._tensor_quant``
+  (symmetric, full range [-8, 7] / [-128, 127], round half to even).
+* MXFP8 (E4M3 values, one E8M0 power-of-two scale per 32 values, chosen as
+  ``2^ceil(log2(amax / 448))``): ``qtensor.MXFP8QTensor``, what the exporter stores. ModelOpt's own
+  MXFP8 fake quantization is a CUDA extension computing the same scale from the float's bits.
 
-``tests/test_fakequant.py`` checks agreement with ModelOpt on CPU (FP8, INT4, W4A8) and
-``benchmarks/gpu_checks.py`` on CUDA (NVFP4).
+``tests/test_fakequant.py`` checks agreement with ModelOpt on CPU (FP8, INT4, W4A8, INT8
+SmoothQuant, MXFP8 against the exporter's quantizer) and ``benchmarks/gpu_checks.py`` on CUDA
+(NVFP4, MXFP8 against the CUDA kernels).
 """
 
 from __future__ import annotations
@@ -183,6 +187,17 @@ def _ieee_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
     return numerator / denominator
 
 
+def _int_codes(values: torch.Tensor, amax: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales ``max_code / amax`` (float32; 1 where amax is zero) and the integer codes (as
+    float32) of symmetric full-range quantization of ``values`` (float32) with ``amax`` broadcasting."""
+    max_bound = 2.0 ** (num_bits - 1) - 1.0
+    zero = amax <= _AMAX_EPSILON
+    scale = _ieee_divide(torch.full_like(amax, max_bound), amax)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    codes = torch.clamp(torch.round(values * scale), -max_bound - 1.0, max_bound)
+    return torch.where(zero, torch.ones_like(scale), scale), codes
+
+
 def int_block_codes(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-block scales ``max_code / amax`` (float32, ``w.shape[:-1] + (blocks, 1)``) and the
     integer codes (as float32, ``w.shape[:-1] + (blocks, block_size)``) of symmetric full-range block
@@ -190,17 +205,62 @@ def int_block_codes(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, bl
     if w.shape[-1] % block_size:
         raise ValueError(f"INT{num_bits} needs in_features ({w.shape[-1]}) divisible by {block_size}")
     blocks = w.to(torch.float32).reshape(*w.shape[:-1], w.shape[-1] // block_size, block_size)
-    max_bound = 2.0 ** (num_bits - 1) - 1.0
-    zero = block_amax <= _AMAX_EPSILON
-    scale = _ieee_divide(torch.full_like(block_amax, max_bound), block_amax)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    codes = torch.clamp(torch.round(blocks * scale), -max_bound - 1.0, max_bound)
-    return torch.where(zero, torch.ones_like(scale), scale), codes
+    return _int_codes(blocks, block_amax.float(), num_bits)
 
 
 @fused_on_cuda
 def int_block(w: torch.Tensor, block_amax: torch.Tensor, num_bits: int, block_size: int) -> torch.Tensor:
-    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]);
-    ``block_amax`` as ``int_block_amax`` returns it."""
+    """Symmetric integer fake quantization with one amax per block (full range, e.g. [-8, 7]).
+
+    ``block_amax`` as ``int_block_amax`` returns it. A block of the whole row (``block_size = in_features``) is per-channel quantization (INT8).
+    """
     scale, codes = int_block_codes(w, block_amax, num_bits, block_size)
     return _ieee_divide(codes, scale).reshape(w.shape).to(w.dtype)
+
+
+@fused_on_cuda
+def int_tensor(x: torch.Tensor, amax: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Symmetric integer fake quantization with one static amax for the whole tensor (INT8 activations)."""
+    scale, codes = _int_codes(x.to(torch.float32), amax.to(device=x.device, dtype=torch.float32), num_bits)
+    return _ieee_divide(codes, scale).to(x.dtype)
+
+
+MXFP8_BLOCK = 32
+E8M0_BIAS = 127
+
+
+def mxfp8_exponents(x: torch.Tensor, block_size: int = MXFP8_BLOCK) -> torch.Tensor:
+    """The E8M0 scales of MXFP8 along the last dimension: biased exponents (uint8) of
+    ``2^ceil(log2(block_amax / 448))``, clamped to [-127, 127]; an all-zero block stores 0.
+
+    ``ceil(log2(.))`` is taken from the float's exponent and mantissa (``frexp``), exact where
+    ModelOpt's exporter takes ``torch.log2`` (the two agree on every bfloat16 block amax).
+    """
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    descale = blocks.abs().amax(dim=-1).to(torch.float32) / FP8_E4M3_MAX
+    mantissa, exponent = torch.frexp(descale)  # descale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    ceil_log2 = torch.where(mantissa == 0.5, exponent - 1, exponent).to(torch.float32)
+    ceil_log2 = torch.where(descale > 0, ceil_log2, torch.full_like(ceil_log2, -E8M0_BIAS))
+    return (ceil_log2.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
+
+
+def mxfp8_codes(x: torch.Tensor, exponents: torch.Tensor, block_size: int = MXFP8_BLOCK) -> torch.Tensor:
+    """The E4M3 codes of ``x`` under the E8M0 block scales ``exponents`` (``MXFP8QTensor.quantize_with_scale``)."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    scaled = blocks * torch.exp2(E8M0_BIAS - exponents.to(torch.float32)).unsqueeze(-1)
+    return scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).reshape(x.shape)
+
+
+def mxfp8_decode(codes: torch.Tensor, exponents: torch.Tensor, block_size: int = MXFP8_BLOCK) -> torch.Tensor:
+    """float32 values of E4M3 ``codes`` times their blocks' E8M0 scales."""
+    blocks = codes.to(torch.float32).reshape(*codes.shape[:-1], codes.shape[-1] // block_size, block_size)
+    return (blocks * torch.exp2(exponents.to(torch.float32) - E8M0_BIAS).unsqueeze(-1)).reshape(codes.shape)
+
+
+@fused_on_cuda
+def mxfp8(x: torch.Tensor, block_size: int = MXFP8_BLOCK) -> torch.Tensor:
+    """Fake-quantize to MXFP8 along the last dimension (dynamic E8M0 scale per block)."""
+    if x.shape[-1] % block_size:
+        raise ValueError(f"MXFP8 needs the last dimension ({x.shape[-1]}) divisible by {block_size}")
+    exponents = mxfp8_exponents(x, block_size)
+    return mxfp8_decode(mxfp8_codes(x, exponents, block_size), exponents, block_size).to(x.dtype)

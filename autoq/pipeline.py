@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from autoq import __version__, distributed
-from autoq.apply import apply_plan, export_checkpoint, write_checkpoint
+from autoq.apply import apply_plan, check_kv_cache_fits_model, export_checkpoint, write_checkpoint
 from autoq.cache import ScoreCache
 from autoq.data import TokenData, load_tokens
 from autoq.default_model import cache_root, is_synthetic
 from autoq.devices import default_device
 from autoq.errors import AutoqError, atomic_output_dir, check_apart, check_output_dir, first_line, log  # noqa: F401 (log: the CLI calls pipeline.log)
+from autoq.formats import KVCacheFormat, get_kv_cache_format
 from autoq.model import (
     TIED_HEAD_REASON,
     ModelSource,
@@ -33,7 +34,7 @@ from autoq.model import (
     resolve_model,
 )
 from autoq.plan import Plan, plan_from_solution
-from autoq.search_space import LayerChoice, SearchSpace, load_search_space, select_layers
+from autoq.search_space import LayerChoice, Protect, SearchSpace, load_search_space, select_layers
 from autoq.sensitivity import ENGINE_VERSION, ScoringOptions, SensitivityEngine
 from autoq.solver import Options, assign_groups, frontier, solve
 from autoq.verify import VerifyReport
@@ -51,6 +52,7 @@ class Workload:
     total_params: int
     architecture: str
     model: nn.Module | None = None  # the real model, once loaded
+    kv_cache: KVCacheFormat | None = None  # exported with every plan; not part of scoring
 
     @property
     def synthetic(self) -> bool:
@@ -81,13 +83,20 @@ def load_sources(
     return source, tokenizer, load_tokens(calib, tokenizer, samples, seq_len)
 
 
-def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: int, trust_remote_code: bool = False) -> Workload:
-    """Resolve the model, tokenizer, search space and calibration tokens; find the layers."""
+def prepare(
+    model: str | None, space: str, calib: str, samples: int, seq_len: int, trust_remote_code: bool = False,
+    protect: str | None = None, kv_cache: str | None = None,
+) -> Workload:  # fmt: skip
+    """Resolve the model, tokenizer, search space (with ``--protect`` over its own) and calibration
+    tokens; find the layers; check that the model has the attention layers ``--kv-cache`` needs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from autoq.decoder import DecoderStructure
 
     search_space = load_search_space(space)
+    if protect is not None:
+        search_space = search_space.with_protect(Protect.parse(protect))
+    kv_format = get_kv_cache_format(kv_cache)
     source, tokenizer, calibration = load_sources(model, calib, samples, seq_len, trust_remote_code)
     trust = source.trust_remote_code
     try:
@@ -102,8 +111,9 @@ def prepare(model: str | None, space: str, calib: str, samples: int, seq_len: in
     if tied and search_space.search_lm_head:
         log(f"{structure.lm_head_name} is not searched: {TIED_HEAD_REASON}")
     choices = select_layers(skeleton, search_space, structure.lm_head_name, lm_head_tied=tied)
+    check_kv_cache_fits_model(skeleton, kv_format)
     total = sum(p.numel() for p in skeleton.parameters())
-    return Workload(source, tokenizer, search_space, calibration, choices, total, type(skeleton).__name__)
+    return Workload(source, tokenizer, search_space, calibration, choices, total, type(skeleton).__name__, kv_cache=kv_format)
 
 
 def ensure_model(work: Workload, dtype: str, device: str) -> nn.Module:
@@ -130,7 +140,12 @@ def model_for_apply(work: Workload, dtype: str, device: str, stream_blocks: bool
 ENGINES = ("auto", "stream", "modelopt")
 
 
-def choose_engine(requested: str, source: ModelSource, formats: dict[str, str], dtype: str) -> str:
+# Formats the streamed exporter writes (autoq.export); the newer ones (MXFP8, W4A16_NVFP4, INT8_SQ)
+# and a quantized KV cache are exported through ModelOpt for now.
+STREAMED_FORMATS = frozenset({"FP8", "NVFP4", "W4A8", "INT4_AWQ", "BF16"})
+
+
+def choose_engine(requested: str, source: ModelSource, formats: dict[str, str], dtype: str, kv_cache: str | None = None) -> str:
     """The export engine: ``stream`` (``autoq.export``) or ``modelopt`` (``autoq.apply``).
 
     ``auto`` streams whenever the streamed export applies (dense models whose checkpoint stores
@@ -140,6 +155,12 @@ def choose_engine(requested: str, source: ModelSource, formats: dict[str, str], 
     from autoq.export import unsupported_reason
 
     if requested == "modelopt":
+        return "modelopt"
+    others = sorted(set(formats.values()) - STREAMED_FORMATS)
+    if others or kv_cache is not None:  # documented (README): these plans go through ModelOpt
+        if requested == "stream":
+            what = f"{', '.join(others)} layers" if others else "a KV cache"
+            raise AutoqError(f"--engine stream cannot export this: it does not write {what} yet (use --engine modelopt)")
         return "modelopt"
     reason = unsupported_reason(source.path, formats, dtype)
     if reason is None:
@@ -163,13 +184,13 @@ def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_bloc
                 progress: bool = True, engine: str = "auto", cache_dir: Path | None = None) -> VerifyReport:  # fmt: skip
     """Apply ``plan`` to the workload's model and write the verified checkpoint into the empty
     ``directory``: streamed from the search's calibration state, or with ModelOpt (calibrated again)."""
-    if choose_engine(engine, work.source, plan.formats(), dtype) == "stream":
+    if choose_engine(engine, work.source, plan.formats(), dtype, plan.kv_cache) == "stream":
         from autoq.export import StreamedExport
 
         state = _streamed_state(plan, work.source, work.calibration, dtype, device, batch_size, cache_dir, progress)
         return StreamedExport(work.source.path, plan, state, dtype, device).write(directory, work.tokenizer, progress=progress)
     model = model_for_apply(work, dtype, device, stream_blocks)
-    apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress)
+    apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress, kv_cache=get_kv_cache_format(plan.kv_cache))
     work.model = None  # ModelOpt packed its weights in place
     return write_checkpoint(model, work.tokenizer, plan, directory)
 
@@ -179,17 +200,17 @@ def apply_and_export(
     export: Path, overwrite: bool = False, progress: bool = True, engine: str = "auto", cache_dir: Path | None = None,
     trust_remote_code: bool = False,
 ) -> VerifyReport:  # fmt: skip
-    """``autoq apply``: a plan applied to a model, exported and verified, all or nothing."""
+    """``autoq apply``: a plan (and its KV cache) applied to a model, calibrated, exported and verified, all or nothing."""
     check_output_dir(Path(export), overwrite)
     source, tokenizer, calibration = load_sources(model, calib, samples, seq_len, trust_remote_code)
     check_outputs_apart(source, export)
-    if choose_engine(engine, source, plan.formats(), dtype) == "stream":
+    if choose_engine(engine, source, plan.formats(), dtype, plan.kv_cache) == "stream":
         from autoq.export import stream_export
 
         state = _streamed_state(plan, source, calibration, dtype, device, batch_size, cache_dir, progress)
         return stream_export(source.path, plan, state, Path(export), tokenizer, overwrite, dtype, device, progress=progress)
     loaded = load_model(source, dtype=dtype, device=device)
-    apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress)
+    apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress, kv_cache=get_kv_cache_format(plan.kv_cache))
     return export_checkpoint(loaded, tokenizer, plan, Path(export), overwrite)
 
 
@@ -283,13 +304,24 @@ def make_plans(work: Workload, scores: ScoreResult, budgets: list[float], object
             plan_from_solution(
                 scores.table, solution.choice, budget_bits=budget, total_params=work.total_params,
                 model=work.model_info(),
-                search_space={"name": work.space.name, "formats": list(work.space.formats), "sha256": work.space.fingerprint},
+                search_space=space_summary(work.space),
                 objective=objective, calibration={**work.calibration.describe(), "state_key": scores.cache.key},
+                kv_cache=None if work.kv_cache is None else work.kv_cache.name,
             )
         )  # fmt: skip
     low, high = options.min_bits(), options.max_bits()
     grid = sorted({round(low + (high - low) * k / 40, 4) for k in range(41)} | set(budgets))
     return plans, frontier(options, [b for b in grid if b >= low])
+
+
+def space_summary(space: SearchSpace) -> dict:
+    """What a plan records about the search space it was solved in."""
+    summary = {"name": space.name, "formats": list(space.formats), "sha256": space.fingerprint}
+    if space.lm_head_formats is not None:
+        summary["lm_head_formats"] = list(space.lm_head_formats)
+    if space.protect is not None:
+        summary["protect"] = space.protect.describe()
+    return summary
 
 
 def plan_filename(budget: float, many: bool) -> str:

@@ -2,7 +2,8 @@
 
 ``plan.json`` (schema ``autoq.plan``, version 1) is documented in the README. Only ``schema``,
 ``version`` and ``layers.<name>.format`` are required, so a plan can be written by hand; every
-other field is provenance that autoq fills in.
+other field is provenance that autoq fills in, except ``kv_cache`` (``"FP8"``, ``"NVFP4"`` or
+null), the KV-cache quantization ``autoq apply`` exports with the layers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 
 from autoq import __version__
 from autoq.errors import AutoqError
-from autoq.formats import get_format
+from autoq.formats import KV_CACHE_FORMATS, get_format, get_kv_cache_format
 
 SCHEMA = "autoq.plan"
 VERSION = 1
@@ -45,6 +46,7 @@ class Plan:
     achieved: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     created: dict[str, Any] = field(default_factory=dict)
+    kv_cache: str | None = None  # KV_CACHE_FORMATS name; its bits are reported beside the weights', never in them
 
     def formats(self) -> dict[str, str]:
         return {name: layer.format for name, layer in self.layers.items()}
@@ -54,7 +56,7 @@ class Plan:
         return {
             "schema": SCHEMA, "version": VERSION, "model": self.model, "search_space": self.search_space,
             "objective": self.objective, "budget": self.budget, "achieved": self.achieved,
-            "calibration": self.calibration, "created": self.created, "layers": layers,
+            "calibration": self.calibration, "created": self.created, "kv_cache": self.kv_cache, "layers": layers,
         }  # fmt: skip
 
     def save(self, path: Path) -> None:
@@ -146,7 +148,12 @@ def plan_from_json(raw: Any, origin: str) -> Plan:
         value = (raw.get(section) or {}).get(key)
         if value is not None and not _is_number(value):
             raise AutoqError(f"{origin}: {section}.{key} must be a finite number (got {ascii(value)[:40]})")
-    return Plan(layers=layers, **{k: raw.get(k) or {} for k in _PROVENANCE}, objective=raw.get("objective"))
+    kv_cache = raw.get("kv_cache")
+    if kv_cache is not None and not isinstance(kv_cache, str):
+        raise AutoqError(f"{origin}: \"kv_cache\" must be null or one of {', '.join(KV_CACHE_FORMATS)}")
+    kv_format = get_kv_cache_format(kv_cache)
+    return Plan(layers=layers, **{k: raw.get(k) or {} for k in _PROVENANCE}, objective=raw.get("objective"),
+                kv_cache=None if kv_format is None else kv_format.name)  # fmt: skip
 
 
 def creation_info() -> dict[str, Any]:

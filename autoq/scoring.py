@@ -101,7 +101,7 @@ class ScoreHooks(HooksMixin):
         """Quantized weights of one block, as the exporter will store them.
 
         Linears that read one input are fused at runtime, and ModelOpt's export makes them agree
-        first: AWQ pre-scales averaged, per-tensor weight amax (FP8 scale, NVFP4 global scale)
+        first: AWQ / SmoothQuant pre-scales averaged, per-tensor weight amax (FP8 scale, NVFP4 global scale)
         set to the group maximum. Scores are taken with those shared values.
         """
         fused: dict[str | None, list[Target]] = defaultdict(list)
@@ -113,7 +113,7 @@ class ScoreHooks(HooksMixin):
                 for fmt in dict.fromkeys(f for t in members for f in t.formats):
                     sharing = [t for t in members if fmt in t.formats]
                     pre_quant_scale = None
-                    if fmt.awq:
+                    if fmt.pre_scaled:
                         pre_quant_scale = torch.stack([self.stats[t.name].pre_quant_scale[fmt.name] for t in sharing]).mean(0)
                     tensor_amax = torch.stack([fmt.smooth(t.weight, pre_quant_scale).abs().amax().float() for t in sharing]).amax()
                     for t in sharing:

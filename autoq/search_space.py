@@ -2,7 +2,9 @@
 
 A search space is a YAML file (see ``search_spaces/*.yaml`` and the README). Patterns use shell
 wildcards (``*``, ``?``) and match a layer's qualified module name or, failing that, its class
-name, as in ModelOpt/TAO quantize configs. Skips win over includes; the first matching pin wins.
+name, as in ModelOpt/TAO quantize configs. Skips win over includes; protected blocks
+(``protect: {first_blocks: N, last_blocks: M, format: F}``) win over pins; the first matching pin
+wins. ``lm_head: {formats: [...]}`` searches the LM head over its own candidate formats.
 """
 
 from __future__ import annotations
@@ -24,10 +26,64 @@ from autoq.errors import AutoqError
 from autoq.experts import fused_projections
 from autoq.formats import FORMATS, get_format
 
-_KEYS = {"name", "description", "formats", "include", "skip", "search_lm_head", "pin", "groups"}
+_KEYS = {"name", "description", "formats", "include", "skip", "search_lm_head", "lm_head", "protect", "pin", "groups"}
 _GROUP_KEYS = {"shared_input", "rules"}
 MAX_SPACE_BYTES = 1 << 20  # search spaces are a few lines of YAML
 RULE_SECONDS = 1.0  # the longest one group rule may take on one layer name
+
+_LM_HEAD_KEYS = {"formats"}
+_PROTECT_KEYS = {"first_blocks", "last_blocks", "format"}
+
+
+@dataclass(frozen=True)
+class Protect:
+    """The first and last decoder blocks pinned to one format (BF16 unless named): not searched,
+    but counted in the bits budget like any pinned layer."""
+
+    first_blocks: int = 0
+    last_blocks: int = 0
+    format: str = "BF16"
+
+    def covers(self, block: int, blocks: int) -> bool:
+        return block < self.first_blocks or block >= blocks - self.last_blocks
+
+    def describe(self) -> str:
+        return f"first={self.first_blocks},last={self.last_blocks},format={self.format}"
+
+    @classmethod
+    def from_mapping(cls, raw: Any, origin: str) -> Protect:
+        if not isinstance(raw, dict) or set(raw) - _PROTECT_KEYS:
+            raise AutoqError(f"{origin}: 'protect' allows only {sorted(_PROTECT_KEYS)}, e.g. {{first_blocks: 1, last_blocks: 1, format: BF16}}")
+        counts = {}
+        for key in ("first_blocks", "last_blocks"):
+            value = raw.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AutoqError(f"{origin}: protect {key} must be a non-negative integer, got {value!r}")
+            counts[key] = value
+        fmt = str(raw.get("format", "BF16"))
+        get_format(fmt)
+        return cls(**counts, format=fmt)
+
+    @classmethod
+    def parse(cls, text: str) -> Protect:
+        """``--protect first=N,last=M[,format=F]``."""
+        names = {"first": "first_blocks", "last": "last_blocks", "format": "format"}
+        raw: dict[str, Any] = {}
+        for item in (part.strip() for part in text.split(",") if part.strip()):
+            key, sep, value = item.partition("=")
+            if not sep or key.strip() not in names:
+                raise AutoqError(f"--protect expects first=N,last=M[,format=F], got {text!r}")
+            key = names[key.strip()]
+            if key == "format":
+                raw[key] = value.strip()
+            else:
+                try:
+                    raw[key] = int(value)
+                except ValueError:
+                    raise AutoqError(f"--protect {key.split('_')[0]} must be a non-negative integer, got {value.strip()!r}") from None
+        if not raw:
+            raise AutoqError("--protect expects first=N,last=M[,format=F], got nothing")
+        return cls.from_mapping(raw, "--protect")
 
 
 @dataclass(frozen=True)
@@ -37,15 +93,22 @@ class SearchSpace:
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()
     search_lm_head: bool = False
+    lm_head_formats: tuple[str, ...] | None = None  # the LM head's candidates (None: ``formats``)
+    protect: Protect | None = None
     pin: tuple[tuple[str, str], ...] = ()  # (pattern, format), first match wins
     group_by_shared_input: bool = True  # layers reading the same tensor (q/k/v, gate/up) share a format
     group_rules: tuple[str, ...] = ()  # regexes; layers whose first capture group is equal share a format
     description: str = ""
     source_text: str = field(default="", compare=False)
+    overrides: str = ""  # command-line settings applied on top of the YAML (``--protect``)
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.source_text.encode()).hexdigest()[:16]
+        return hashlib.sha256((self.source_text + self.overrides).encode()).hexdigest()[:16]
+
+    def with_protect(self, protect: Protect) -> SearchSpace:
+        """This space with ``--protect`` in place of its own ``protect``."""
+        return replace(self, protect=protect, overrides=f"{self.overrides}\n--protect {protect.describe()}")
 
     def pinned_format(self, name: str, class_name: str) -> str | None:
         return next((fmt for pattern, fmt in self.pin if _matches(pattern, name, class_name)), None)
@@ -132,6 +195,17 @@ def parse_search_space(text: str, origin: str) -> SearchSpace:
         raise AutoqError(f"search space {origin}: 'pin' must map patterns to formats (strings)")
     for fmt in pins.values():
         get_format(fmt)
+    lm_head = raw.get("lm_head")
+    lm_head_formats = None
+    if lm_head is not None:
+        if not isinstance(lm_head, dict) or set(lm_head) - _LM_HEAD_KEYS:
+            raise AutoqError(f"search space {origin}: 'lm_head' allows only {sorted(_LM_HEAD_KEYS)}, e.g. {{formats: [FP8, BF16]}}")
+        lm_head_formats = tuple(_string_list(lm_head, "formats", origin, required=True))
+        for name in lm_head_formats:
+            get_format(name)
+        if raw.get("search_lm_head") is False:
+            raise AutoqError(f"search space {origin}: 'lm_head' gives the LM head's formats but 'search_lm_head' is false")
+    protect = None if raw.get("protect") is None else Protect.from_mapping(raw["protect"], f"search space {origin}")
     groups = raw.get("groups") or {}
     if not isinstance(groups, dict) or set(groups) - _GROUP_KEYS:
         raise AutoqError(f"search space {origin}: 'groups' allows only {sorted(_GROUP_KEYS)}")
@@ -150,7 +224,9 @@ def parse_search_space(text: str, origin: str) -> SearchSpace:
         formats=formats,
         include=tuple(_string_list(raw, "include", origin) or ["*"]),
         skip=tuple(_string_list(raw, "skip", origin)),
-        search_lm_head=_flag(raw, "search_lm_head", False, origin),
+        search_lm_head=_flag(raw, "search_lm_head", False, origin) or lm_head_formats is not None,
+        lm_head_formats=lm_head_formats,
+        protect=protect,
         pin=tuple(pins.items()),
         group_by_shared_input=_flag(groups, "shared_input", True, origin),
         group_rules=rules,
@@ -204,9 +280,9 @@ class LayerChoice:
         return self.experts * self.parts * FORMATS[fmt].storage_bits(self.out_features // self.parts, self.in_features)
 
     def supports(self, fmt: str) -> bool:
-        """Whether the layer can be stored in ``fmt``. AWQ formats are not offered for fused
-        experts: ModelOpt 0.47's ``awq_lite`` does not calibrate them."""
-        if self.experts > 1 and FORMATS[fmt].awq:
+        """Whether the layer can be stored in ``fmt``. Pre-scaled formats (AWQ, SmoothQuant) are not
+        offered for fused experts: ModelOpt 0.47's ``awq_lite`` and ``smoothquant`` do not calibrate them."""
+        if self.experts > 1 and FORMATS[fmt].pre_scaled:
             return False
         return FORMATS[fmt].supports(self.out_features // self.parts, self.in_features)
 
@@ -247,8 +323,11 @@ def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_he
     """Every linear layer (and fused-experts projection) the search space selects, with its candidate formats.
 
     The LM head is selected only when the space asks for it and it is not tied to the embedding
-    (``autoq.model.lm_head_is_tied``: quantizing a tied head stores more bits, not fewer).
+    (``autoq.model.lm_head_is_tied``: quantizing a tied head stores more bits, not fewer); its
+    candidates are the space's ``lm_head`` formats where given. Layers of protected blocks, then
+    pinned layers, get their one format (and an error, naming the layer, if they cannot store it).
     """
+    protected = _protected_layers(model, space)
     choices = []
     for layer in all_layers(model):
         name, class_name = layer.name, layer.class_name
@@ -256,13 +335,14 @@ def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_he
             continue
         if not space.is_selected(name, class_name):
             continue
-        pinned = space.pinned_format(name, class_name)
+        pinned, why = (space.protect.format, "protected") if name in protected else (space.pinned_format(name, class_name), "pinned")
         if pinned is not None:
             if not layer.supports(pinned):
-                raise AutoqError(f"{name} ({layer.out_features}x{layer.in_features}) is pinned to {pinned}, which cannot store that shape")
+                raise AutoqError(f"{name} ({layer.out_features}x{layer.in_features}) is {why} to {pinned}, which cannot store that shape")
             candidates: tuple[str, ...] = (pinned,)
         else:
-            candidates = tuple(f for f in space.formats if layer.supports(f))
+            offered = space.lm_head_formats if name == lm_head_name and space.lm_head_formats else space.formats
+            candidates = tuple(f for f in offered if layer.supports(f))
         if candidates:
             choices.append(replace(layer, candidates=candidates))
     if not choices:
@@ -270,3 +350,19 @@ def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_he
     for choice in choices:  # a group rule that cannot finish fails here, before any model work
         space.group_rule_key(choice.name)
     return choices
+
+
+def _protected_layers(model: nn.Module, space: SearchSpace) -> set[str]:
+    """Names of the layers inside the decoder blocks ``space.protect`` pins."""
+    if space.protect is None or not (space.protect.first_blocks or space.protect.last_blocks):
+        return set()
+    from autoq.decoder import DecoderStructure
+
+    structure = DecoderStructure(model)
+    blocks = len(structure.layers)
+    prefix = structure.layer_prefix + "."
+    protected = set()
+    for layer in all_layers(model):
+        if layer.name.startswith(prefix) and space.protect.covers(int(layer.name[len(prefix) :].split(".", 1)[0]), blocks):
+            protected.add(layer.name)
+    return protected

@@ -299,7 +299,7 @@ class SensitivityEngine:
             self.parallel.reduce_stats(targets, collector.stats)  # data-parallel: statistics over all ranks
             with record_function("autoq.awq_search"):
                 # data-parallel: AWQ losses summed over all ranks
-                collector.search_awq(targets, self.parallel.sum_losses, self.sizes.awq_batch_elements)
+                collector.search_pre_quant_scales(targets, self.parallel.sum_losses, self.sizes.awq_batch_elements)
 
         with self._progress(len(self.structure.layers) + 1, "calibrating") as bar:
             kept, finals = self.executor.forward(

@@ -1,11 +1,13 @@
 """Sweeps: autoq plans at several budgets next to baselines, all evaluated the same way.
 
-Rows: BF16; uniform FP8 / W4A8 / NVFP4 (every searched layer in one format where it fits);
-ModelOpt ``auto_quantize`` at the same honest bits as each autoq budget; and autoq at each
-budget. Every quantized row is applied with ``autoq.apply`` (ModelOpt calibration on the same
-calibration batches) and exported; the exported checkpoint is what gets evaluated (dequantized
-weights, fake-quantized activations: what a runtime computes) against the BF16 model on held-out
-tokens and lm-eval tasks, next to its size and stored bits.
+Rows: BF16; uniform FP8 / W4A8 / NVFP4 by default, or any other registry format named in
+``baselines`` (every searched layer in one format where it fits); ModelOpt ``auto_quantize`` at
+the same honest bits as each autoq budget; and autoq at each budget. Every quantized row is
+applied with ``autoq.apply`` (ModelOpt calibration on the same calibration batches; with
+``--kv-cache``, the KV cache too) and exported; the exported checkpoint is what gets evaluated
+(dequantized weights, fake-quantized activations and KV cache: what a runtime computes) against
+the BF16 model on held-out tokens and lm-eval tasks, next to its size, stored bits and KV-cache
+bits per cached element (the BF16 row keeps a 16-bit cache: it is the unquantized reference).
 
 A sweep directory is a resumable workspace: each finished row is ``rows/<row>.json`` (written
 atomically) with a fingerprint of everything its result depends on (model, dtype, device,
@@ -36,12 +38,22 @@ from autoq.checkpoint import load_fake_quant_model
 from autoq.data import TokenData
 from autoq.errors import AutoqError, atomic_write, disk_full
 from autoq.evaluate import PROXY_TASKS, EvalSpec, evaluate, heldout_tokens
-from autoq.formats import FORMATS
+from autoq.formats import FORMATS, KVCacheFormat
 from autoq.plan import LayerPlan, Plan, creation_info
 from autoq.search_space import LayerChoice
 
-UNIFORM_BASELINES = ("FP8", "W4A8", "NVFP4")
 MODELOPT = "ModelOpt auto_quantize"
+# Formats whose fake quantization ModelOpt runs with CUDA kernels only (its auto_quantize needs a GPU for them).
+_CUDA_ONLY = {"nvfp4", "mxfp8"}
+
+
+def baseline_names() -> list[str]:
+    """What ``--baselines`` accepts: bf16, modelopt, and every quantized format (a uniform row)."""
+    return ["bf16", "modelopt"] + [name.lower() for name, fmt in FORMATS.items() if fmt.quantized]
+
+
+def _uniform_format(baseline: str) -> str | None:
+    return next((name for name, fmt in FORMATS.items() if fmt.quantized and name.lower() == baseline), None)
 
 
 @dataclass
@@ -98,9 +110,8 @@ def build_rows(work, plans: list[Plan], config: SweepConfig, modelopt: dict | st
     rows = []
     if "bf16" in config.baselines:
         rows.append(Row("bf16", "BF16", None, {c.name: "BF16" for c in work.choices}))
-    for fmt in UNIFORM_BASELINES:
-        if fmt.lower() in config.baselines:
-            rows.append(Row(f"uniform-{fmt}", f"uniform {fmt}", None, uniform_formats(work.choices, fmt)))
+    for fmt in filter(None, map(_uniform_format, config.baselines)):
+        rows.append(Row(f"uniform-{fmt}", f"uniform {fmt}", None, uniform_formats(work.choices, fmt)))
     shapes = {c.name: (c.out_features, c.in_features) for c in work.choices}
     for plan in plans:
         budget = plan.budget["effective_bits"]
@@ -157,10 +168,12 @@ def evaluate_row(
     spec: EvalSpec,
     checkpoint_dir: Path | None,
     progress: bool,
+    kv_cache: KVCacheFormat | None = None,
 ) -> dict[str, Any]:
-    """Quantize a copy of ``reference`` as the row says, export it, and evaluate the exported
-    checkpoint as a runtime computes it (``load_fake_quant_model``): one result record. The BF16 row
-    is exported and reloaded too, and measured by the same ``evaluate`` (its KL comes out ~0)."""
+    """Quantize a copy of ``reference`` as the row says (its KV cache as ``kv_cache`` says), export it,
+    and evaluate the exported checkpoint as a runtime computes it (``load_fake_quant_model``): one
+    result record. The BF16 row is exported and reloaded too, and measured by the same ``evaluate``
+    (its KL comes out ~0)."""
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -168,9 +181,11 @@ def evaluate_row(
     device = next(reference.parameters()).device
     with tempfile.TemporaryDirectory(prefix="autoq-export-") as tmp:
         target = checkpoint_dir or Path(tmp) / "checkpoint"
+        kv_cache = kv_cache if quantized else None
         if quantized:
-            model = apply_plan(copy.deepcopy(reference), row.formats, calib_batches, progress=progress)
-            plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info())
+            model = apply_plan(copy.deepcopy(reference), row.formats, calib_batches, progress=progress, kv_cache=kv_cache)
+            plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info(),
+                        kv_cache=None if kv_cache is None else kv_cache.name)  # fmt: skip
             stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
             del model
         else:
@@ -185,6 +200,7 @@ def evaluate_row(
         "row": row.id, "method": row.method, "budget_bits": row.budget, "status": "ok",
         "formats": {fmt: int(n) for fmt, n in pd.Series(row.formats).value_counts().items()},
         "size_bytes": size_bytes, "stored_bits": stored_bits,
+        "kv_cache": None if kv_cache is None else kv_cache.name, "kv_bits": 16.0 if kv_cache is None else kv_cache.bits_per_element,
         **metrics, "wall_seconds": time.perf_counter() - start, "peak_cuda_gib": peak, "device": str(device), **row.notes,
     }  # fmt: skip
 
@@ -222,6 +238,8 @@ def run_sweep(
         "calibration": work.calibration.describe(), "heldout": heldout.describe(),
         "evaluation": {k: v for k, v in asdict(config).items() if k not in ("budgets", "baselines", "keep_checkpoints")},
     }  # fmt: skip
+    if work.kv_cache is not None:  # only then: sweeps made before --kv-cache keep their fingerprints
+        config_key["kv_cache"] = work.kv_cache.name
     info = {
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
@@ -245,7 +263,7 @@ def run_sweep(
         try:
             if row.error is not None:
                 raise AutoqError(row.error)
-            record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress)
+            record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress, work.kv_cache)
         except Exception as err:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
             if disk_full(err):  # not the row's failure: every later row would fail too
                 raise

@@ -9,7 +9,9 @@ The artifact contract (after ModelOpt's experimental quantization package): conf
 quantization metadata (hf_quant_config.json; config.json's quantization_config), safetensors
 shards (with model.safetensors.index.json when sharded) and tokenizer files. A checkpoint autoq
 exported also carries ``autoq_manifest.json`` (``autoq.manifest``): every file's and tensor's
-sha256, so any byte changed after export is found and named.
+sha256, so any byte changed after export is found and named. A quantized KV cache
+adds ``kv_cache_quant_algo`` and, for every attention layer (``<attn>.k_proj`` / ``v_proj``), the
+float32 scalars ``<attn>.k_proj.k_scale`` and ``<attn>.v_proj.v_scale`` (amax / 448).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import torch
 from autoq.checkpoint import read_quant_config
 from autoq.codec import TensorInfo, dequantize_weight, logical_shape, read_headers, read_layer_tensors, read_tensor
 from autoq.errors import AutoqError
-from autoq.formats import DTYPE_BITS, FORMATS
+from autoq.formats import DTYPE_BITS, FORMATS, KV_CACHE_FORMATS
 from autoq.manifest import manifest_problems
 
 _SCALES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+_E8M0_NAN = 255  # an E8M0 scale byte (MXFP8) is a biased power-of-two exponent; 255 encodes NaN
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+FROM_CONFIG = "from_config"  # verify_checkpoint's kv_cache: expect whatever the checkpoint declares
 
 
 @dataclass
@@ -37,10 +41,17 @@ class VerifyReport:
     layer_bits: dict[str, int] = field(default_factory=dict)  # stored bits per checked layer
     layer_params: dict[str, int] = field(default_factory=dict)
     hashed: bool = False  # the files were checked against the export's manifest (autoq.manifest)
+    kv_cache: str | None = None  # kv_cache_quant_algo
+    kv_layers: int = 0  # attention layers with k/v scales
 
     @property
     def effective_bits(self) -> float:
         return sum(self.layer_bits.values()) / max(1, sum(self.layer_params.values()))
+
+    @property
+    def kv_bits_per_element(self) -> float:
+        """Bits per cached key/value element at run time (16: not quantized); never part of ``effective_bits``."""
+        return KV_CACHE_FORMATS[self.kv_cache].bits_per_element if self.kv_cache in KV_CACHE_FORMATS else 16.0
 
 
 def expected_quant_algo(formats: dict[str, str]) -> str | None:
@@ -49,8 +60,9 @@ def expected_quant_algo(formats: dict[str, str]) -> str | None:
     return None if not algos else "MIXED_PRECISION" if len(algos) > 1 else algos.pop()
 
 
-def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bool = True) -> VerifyReport:
-    """Check every layer in ``formats`` (name -> format) against the checkpoint's tensors and config."""
+def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bool = True, kv_cache: str | None = FROM_CONFIG) -> VerifyReport:
+    """Check every layer in ``formats`` (name -> format) against the checkpoint's tensors and config,
+    and its KV-cache scales; ``kv_cache``: the KV-cache format it must declare (None: none)."""
     checkpoint = Path(checkpoint)
     headers = read_headers(checkpoint)
     quant = read_quant_config(checkpoint)
@@ -85,6 +97,9 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bo
                 report.problems.append(
                     f"{name} ({fmt_name}): {stored.suffix} is {info.dtype}{list(info.shape)}, expected {stored.dtype}{list(want_shape)}"
                 )
+            elif stored.suffix in _SCALES and info.dtype == "U8":
+                if (read_tensor(checkpoint, info, key) == _E8M0_NAN).any():
+                    report.problems.append(f"{name} ({fmt_name}): {stored.suffix} has NaN (0xFF) E8M0 scales")
             elif stored.suffix in _SCALES:
                 values = read_tensor(checkpoint, info, key).float()
                 if not torch.isfinite(values).all() or not (values > 0).all():
@@ -102,7 +117,7 @@ def verify_checkpoint(checkpoint: Path, formats: dict[str, str], check_files: bo
             report.problems.append(f"{name}: not listed in hf_quant_config quantized_layers")
         report.layer_bits[name] = bits
         report.layer_params[name] = out_f * in_f
-    report.problems += _kv_cache_problems(quant, headers)
+    report.problems += _kv_cache_problems(checkpoint, quant, headers, kv_cache, report)
     report.problems += _lm_head_problems(formats, quant, headers)
     return report
 
@@ -134,16 +149,33 @@ def _missing_files(checkpoint: Path, quantized: bool) -> list[str]:
     return problems
 
 
-def _kv_cache_problems(quant: dict, headers: dict[str, TensorInfo]) -> list[str]:
-    """A quantized KV cache needs k/v scales; an unquantized one must have none."""
+def _kv_cache_problems(checkpoint: Path, quant: dict, headers: dict[str, TensorInfo], expected: str | None, report: VerifyReport) -> list[str]:
+    """A quantized KV cache needs a finite, positive float32 k_scale and v_scale for every attention
+    layer; an unquantized one must have none."""
     kv_algo = quant.get("kv_cache_quant_algo")
-    k_scales = [n for n in headers if n.endswith("k_scale")]
-    v_scales = [n for n in headers if n.endswith("v_scale")]
+    report.kv_cache = kv_algo
+    problems = [] if expected == FROM_CONFIG or kv_algo == expected else [f"kv_cache_quant_algo is {kv_algo!r}, expected {expected!r}"]
+    scales = [n for n in headers if n.endswith((".k_scale", ".v_scale"))]
     if kv_algo is None:
-        return ["KV-cache scales present but kv_cache_quant_algo is null"] if k_scales or v_scales else []
-    if not k_scales or len(k_scales) != len(v_scales):
-        return [f"kv_cache_quant_algo is {kv_algo} but k_scale/v_scale tensors are missing or unpaired"]
-    return []
+        return problems + (["KV-cache scales present but kv_cache_quant_algo is null"] if scales else [])
+    if kv_algo not in KV_CACHE_FORMATS:
+        return problems + [f"kv_cache_quant_algo {kv_algo!r} is not one autoq knows ({', '.join(KV_CACHE_FORMATS)})"]
+    attention = sorted({n.removesuffix(".k_proj.weight") for n in headers if n.endswith(".k_proj.weight")})
+    if not attention:
+        return problems + [f"kv_cache_quant_algo is {kv_algo} but there are no attention layers (k_proj) to hold k_scale/v_scale"]
+    for layer in attention:
+        for key in (f"{layer}.k_proj.k_scale", f"{layer}.v_proj.v_scale"):
+            info = headers.get(key)
+            if info is None:
+                problems.append(f"{layer}: kv_cache_quant_algo is {kv_algo} but k_scale/v_scale tensors are missing ({key})")
+            elif info.dtype != "F32" or info.shape not in ((), (1,)):
+                problems.append(f"{key} is {info.dtype}{list(info.shape)}, expected a float32 scalar")
+            else:
+                value = read_tensor(checkpoint, info, key).float()
+                if not torch.isfinite(value).all() or not (value > 0).all():
+                    problems.append(f"{key} is not finite and positive")
+    report.kv_layers = len(attention)
+    return problems
 
 
 def _lm_head_problems(formats: dict[str, str], quant: dict, headers: dict[str, TensorInfo]) -> list[str]:
@@ -161,8 +193,9 @@ def _lm_head_problems(formats: dict[str, str], quant: dict, headers: dict[str, T
 def reference_errors(checkpoint: Path, formats: dict[str, str], reference: Path) -> dict[str, float]:
     """Per-layer relative error ||W_dequantized - W_bf16|| / ||W_bf16||, one layer in memory at a time.
 
-    AWQ layers store ``W / p`` (p per input channel); where ``p`` is not in the checkpoint (folded
-    into the preceding norm) it is fitted per channel by least squares before comparing.
+    AWQ and SmoothQuant layers store ``W / p`` (p per input channel); where ``p`` is not in the
+    checkpoint (AWQ's, folded into the preceding norm) it is fitted per channel by least squares
+    before comparing.
     """
     headers = read_headers(checkpoint)
     ref_headers = read_headers(reference)
@@ -175,7 +208,7 @@ def reference_errors(checkpoint: Path, formats: dict[str, str], reference: Path)
         fmt = FORMATS[fmt_name]
         tensors = read_layer_tensors(checkpoint, name, headers)
         weight = dequantize_weight(fmt, tensors)
-        if fmt.awq:
+        if fmt.pre_scaled:
             scale = tensors.get("pre_quant_scale")
             if scale is not None:
                 weight = weight * scale.float()

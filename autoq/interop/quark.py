@@ -5,8 +5,12 @@ the plan quantizes it, to ``exclude``. Specs follow Quark's own templates: FP8 =
 ``FP4Block16ScaleE4M3Scheme`` (FP4 per group of 16 with an FP8-E4M3-quantized scale), INT4_AWQ =
 ``Int4WeightOnlyScheme(group_size=128)``; W4A8 is INT4 per group of 128 with static per-tensor
 FP8 activations (Quark's ``int4_fp8`` template is per-channel with dynamic activations, a
-different format). AWQ smoothing is not expressed: Quark's AWQ needs model-specific
-``scaling_layers``; add an ``algo_config`` for it.
+different format); W4A16_NVFP4 is NVFP4's weight spec alone; MXFP8 is ``MXFP4Scheme`` with
+FP8-E4M3 elements (E8M0 scale per 32, dynamic activations); INT8_SQ is INT8 per output channel
+with static per-tensor INT8 activations. Calibration rules are not expressed: AWQ and SmoothQuant
+need model-specific ``scaling_layers`` (add an ``algo_config`` for them), and Quark picks MXFP8's
+E8M0 scales its own way (``scale_calculation_mode`` "even", the OCP rule, where ModelOpt takes
+``2^ceil(log2(amax / 448))``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ def _spec(dtype: str, qscheme: str, observer: str, *, is_dynamic: bool = False, 
 
 _FP8 = _spec("fp8_e4m3", "per_tensor", "PerTensorMinMaxObserver")
 _INT4_G128 = _spec("int4", "per_group", "PerGroupMinMaxObserver", group_size=128, ch_axis=-1)
+_INT8_CHANNEL = _spec("int8", "per_channel", "PerChannelMinMaxObserver", ch_axis=0)
+_INT8_TENSOR = _spec("int8", "per_tensor", "PerTensorMinMaxObserver")
+
+
+def _mxfp8(dynamic: bool) -> dict[str, Any]:
+    spec = _spec("fp8_e4m3", "per_group", "PerBlockMXObserver", is_dynamic=dynamic, group_size=32, ch_axis=-1,
+                 symmetric=None, scale_format="e8m0")  # fmt: skip
+    return {**spec, "scale_calculation_mode": "even"}
 
 
 def _nvfp4(dynamic: bool) -> list[dict[str, Any]]:
@@ -51,6 +63,9 @@ LAYER_CONFIGS: dict[str, dict[str, Any]] = {
     "NVFP4": _layer(_nvfp4(False), _nvfp4(True)),
     "W4A8": _layer(_INT4_G128, _FP8),
     "INT4_AWQ": _layer(_INT4_G128, None),
+    "W4A16_NVFP4": _layer(_nvfp4(False), None),
+    "MXFP8": _layer(_mxfp8(False), _mxfp8(True)),
+    "INT8_SQ": _layer(_INT8_CHANNEL, _INT8_TENSOR),
 }
 
 
