@@ -30,7 +30,7 @@ from autoq.formats import FORMATS, KVCacheFormat, get_kv_cache_format
 from autoq.manifest import write_manifest
 from autoq.model import TIED_HEAD_REASON, lm_head_is_tied
 from autoq.plan import Plan
-from autoq.search_space import all_layers
+from autoq.search_space import planned_layers
 from autoq.verify import VerifyReport, verify_checkpoint
 
 
@@ -88,15 +88,8 @@ def check_kv_cache_fits_model(model: nn.Module, kv_cache: KVCacheFormat | None) 
 
 def check_plan_fits_model(model: nn.Module, formats: dict[str, str], sample_ids: torch.Tensor) -> None:
     """Every planned layer exists, is linear (or a fused-experts projection), fits its format, and fused layers agree."""
-    modules = dict(model.named_modules())
-    layers = {layer.name: layer for layer in all_layers(model)}
-    missing = [name for name in formats if name not in layers and name not in modules]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise AutoqError(f"plan names {len(missing)} layer(s) the model does not have: {shown}")
+    layers, modules = planned_layers(model, formats)
     for name, fmt_name in formats.items():
-        if name not in layers:
-            raise AutoqError(f"plan layer {name} is a {type(modules[name]).__name__}, not a linear layer")
         if modules.get(name) is model.get_output_embeddings() and FORMATS[fmt_name].quantized and lm_head_is_tied(model):
             raise AutoqError(f"plan quantizes {name}, which cannot be: {TIED_HEAD_REASON}")
         if not layers[name].supports(fmt_name):

@@ -42,7 +42,7 @@ from autoq.formats import FORMATS, Format
 from autoq.manifest import write_manifest
 from autoq.model import DTYPES, TIED_HEAD_REASON, lm_head_is_tied
 from autoq.plan import Plan
-from autoq.search_space import all_layers
+from autoq.search_space import all_layers, planned_layers
 from autoq.shardwriter import ShardWriter, TensorSpec
 from autoq.verify import VerifyReport, verify_checkpoint
 
@@ -98,15 +98,8 @@ def inspect_source(source: Path, formats: dict[str, str], dtype: torch.dtype) ->
     unsupported = None
     if absent:
         unsupported = f"the checkpoint does not store {absent[0]} under the model's own name (transformers converts its tensors on load)"
-    layers = {layer.name: layer for layer in all_layers(skeleton)}
-    modules = dict(skeleton.named_modules())
-    missing = [name for name in formats if name not in layers and name not in modules]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise AutoqError(f"plan names {len(missing)} layer(s) the model does not have: {shown}")
+    layers, modules = planned_layers(skeleton, formats)
     for name, fmt_name in formats.items():
-        if name not in layers:
-            raise AutoqError(f"plan layer {name} is a {type(modules[name]).__name__}, not a linear layer")
         layer = layers[name]
         if not FORMATS[fmt_name].quantized:
             continue

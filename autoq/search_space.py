@@ -319,6 +319,21 @@ def all_layers(model: nn.Module) -> Iterator[LayerChoice]:
             yield LayerChoice(f"{name}.{attr}", class_name, out_f, in_f, tuple(FORMATS), experts=experts, parts=parts)
 
 
+def planned_layers(model: nn.Module, formats: dict[str, str]) -> tuple[dict[str, LayerChoice], dict[str, nn.Module]]:
+    """The model's searchable layers and modules, by name, after checking that every layer a plan
+    names exists and is one of them (a linear layer or a fused-experts projection)."""
+    layers = {layer.name: layer for layer in all_layers(model)}
+    modules = dict(model.named_modules())
+    missing = [name for name in formats if name not in layers and name not in modules]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise AutoqError(f"plan names {len(missing)} layer(s) the model does not have: {shown}")
+    for name in formats:
+        if name not in layers:
+            raise AutoqError(f"plan layer {name} is a {type(modules[name]).__name__}, not a linear layer")
+    return layers, modules
+
+
 def select_layers(model: nn.Module, space: SearchSpace, lm_head_name: str, lm_head_tied: bool = False) -> list[LayerChoice]:
     """Every linear layer (and fused-experts projection) the search space selects, with its candidate formats.
 
