@@ -149,26 +149,41 @@ def test_sigkill_during_sweep_resumes_from_its_finished_rows(
     assert (pd.read_csv(out / "results.csv").status == "ok").all()
 
 
-def _complete_trials(db: Path) -> int:
+def _complete_trials(db: Path, *, after_kill: bool = False) -> int:
+    """Finished trials in the study database. While refine runs: read-only, 0 while the file is
+    missing or being written. After a kill the file may hold a hot journal (killed mid-transaction),
+    which only a writable connection rolls back, as the next refine will: so open it writable and
+    let an error fail the test."""
+    query = "SELECT count(*) FROM trials WHERE state = 'COMPLETE'"
+    if after_kill:
+        with sqlite3.connect(db, timeout=5) as connection:
+            return connection.execute(query).fetchone()[0]
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as connection:
-            return connection.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            return connection.execute(query).fetchone()[0]
     except sqlite3.Error:  # not created yet, or being written
         return 0
+
+
+TRIAL_PAUSE = 0.4
 
 
 @pytest.mark.slow
 def test_sigkill_during_refine_resumes_the_study(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    # Enough trials that the kill (after at most 5 of them and 0.3 s) lands mid-study on a loaded machine.
+    """Killed after 2-5 finished trials and 0-0.3 s: the next run finishes the same study.
+
+    Most trials of this 3-group study repeat a measured plan and take milliseconds, so the killed
+    run sleeps TRIAL_PAUSE s in every trial (``complete_choice``): its 30 trials take at least 12 s,
+    and the kill always lands mid-study, however fast or loaded the machine."""
     argv = ["refine", str(run_dir), "--trials", "30", "--groups", "3", "--eval-samples", "4", "--no-progress"]
     more, delay = kill_points(SEED + 3, 1, 3)[0]
-    killed = start(argv, tmp_path / "killed.log")
+    killed = start(argv, tmp_path / "killed.log", pause=("autoq.refine:complete_choice", TRIAL_PAUSE))
     wait_for(lambda: _complete_trials(run_dir / "refine.db") >= 2 + more, killed)
     time.sleep(delay)
     assert killed.kill(), f"the kill came after refine had finished:\n{killed.output}"
-    done_before = _complete_trials(run_dir / "refine.db")
+    done_before = _complete_trials(run_dir / "refine.db", after_kill=True)
     assert 2 <= done_before < 30
     assert not (run_dir / f"refine-{BUDGET}bits-kl").exists() and not (run_dir / f"plan-refined-{BUDGET}bits.json").exists()
     assert main(argv) == 0
