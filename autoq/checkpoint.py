@@ -89,8 +89,11 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The checkpoint's model with every quantized linear replaced by a ``FakeQuantLinear``."""
+def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The checkpoint's model with every quantized linear replaced by a ``FakeQuantLinear``.
+
+    ``dtype``: what it computes in (default: the checkpoint's own). Compare a checkpoint with a
+    reference model in the reference's dtype, so that the difference is the quantization's alone."""
     from transformers import AutoModelForCausalLM
 
     try:  # transformers 5
@@ -106,8 +109,9 @@ def load_fake_quant_model(checkpoint: Path, device: str | torch.device = "cpu") 
     # Before building: a config whose sizes the tensors cannot back would allocate them all.
     check_config_sizes(read_config(checkpoint / "config.json"), checkpoint / "config.json", sum(math.prod(i.shape) for i in headers.values()))
     config = unquantized_config(checkpoint)  # the weights we load are dequantized ourselves
-    dtype = getattr(config, "torch_dtype", None) or torch.bfloat16
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype is None:
+        dtype = getattr(config, "torch_dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with no_init_weights():  # every weight is overwritten below; buffers (rotary) are built normally
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     quantized_keys = {f"{n}.{t.suffix}" for n, f in formats.items() for t in FORMATS[f].stored} | {f"{n}.bias" for n in formats}

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma list of bf16, modelopt and uniform formats (fp8, w4a8, nvfp4, mxfp8, w4a16_nvfp4, int8_sq, int4_awq) "
                             "(default: bf16,fp8,w4a8,nvfp4,modelopt)")  # fmt: skip
     _add_deployment_args(sweep)
+    _add_engine_arg(sweep)
     sweep.add_argument("--keep-checkpoints", action="store_true", help="keep every row's exported checkpoint")
     sweep.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     sweep.set_defaults(func=cmd_sweep)
@@ -422,7 +423,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig(
         budgets=args.bits, tasks=args.tasks.split(","), baselines=baselines, eval_samples=args.eval_samples,
         eval_data=str(args.eval_data) if args.eval_data else None, few_shot=args.num_fewshot, limit=args.limit,
-        max_length=args.max_length, batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints,
+        max_length=args.max_length, batch_size=args.batch_size, keep_checkpoints=args.keep_checkpoints, engine=args.engine,
     )  # fmt: skip
     config.eval_spec()  # unknown tasks or missing eval data: fail before any model work
     work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len,

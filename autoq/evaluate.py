@@ -23,6 +23,7 @@ from torch import nn
 
 from autoq.data import TokenData, load_tokens
 from autoq.errors import AutoqError
+from autoq.model import DTYPES
 from autoq.lm_tasks import TaskRequest, check_requests, parse_task, run_lm_eval, summarize
 
 PROXY_TASKS = ("ppl", "kl")  # computed by autoq itself; every other task name goes to lm-eval
@@ -157,7 +158,7 @@ def evaluate_target(
     elif checkpoint is not None:
         from autoq.checkpoint import load_fake_quant_model
 
-        model = load_fake_quant_model(checkpoint, device=device)
+        model = load_fake_quant_model(checkpoint, device=device, dtype=DTYPES[dtype])
         if reference is not None and model.config.vocab_size != reference.config.vocab_size:
             raise AutoqError(f"checkpoint {checkpoint} has a vocabulary of {model.config.vocab_size}, the reference model "
                              f"{work.source.name} {reference.config.vocab_size}: pass the --model it was made from")  # fmt: skip

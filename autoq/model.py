@@ -109,6 +109,14 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False) -> dict[str, An
     return config
 
 
+def checkpoint_dtype(source: ModelSource) -> str | None:
+    """The floating-point dtype the source checkpoint stores (config.json's ``torch_dtype`` or
+    ``dtype``), when autoq knows it: what an export writes its unquantized tensors in."""
+    config = read_config(Path(source.path) / "config.json")
+    stored = config.get("torch_dtype") or config.get("dtype")
+    return stored if stored in DTYPES else None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A config.json as a mapping; anything else (unreadable, not JSON, absurd nesting) is one error."""
     try:

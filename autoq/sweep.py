@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -68,6 +68,7 @@ class SweepConfig:
     max_length: int | None = None
     batch_size: int = 4
     keep_checkpoints: bool = False
+    engine: str = "auto"  # how quantized rows are exported: autoq.pipeline.choose_engine
 
     def eval_spec(self) -> EvalSpec:
         return EvalSpec.parse(self.tasks, self.eval_data, default_shots=self.few_shot, limit=self.limit, batch_size=self.batch_size,
@@ -159,6 +160,15 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+@dataclass
+class StreamedRows:
+    """What exporting a row with the streamed engine needs: the checkpoint on disk and the search's
+    calibration state (``plan.calibration['state_key']``), so that no row is calibrated again."""
+
+    export: Callable[[Plan, Path], float]  # (plan, empty target directory) -> stored bits
+    calibration: dict[str, Any]  # the plans' calibration block, naming the search's state
+
+
 def evaluate_row(
     row: Row,
     reference: nn.Module,
@@ -169,11 +179,15 @@ def evaluate_row(
     checkpoint_dir: Path | None,
     progress: bool,
     kv_cache: KVCacheFormat | None = None,
+    streamed: StreamedRows | None = None,
 ) -> dict[str, Any]:
-    """Quantize a copy of ``reference`` as the row says (its KV cache as ``kv_cache`` says), export it,
-    and evaluate the exported checkpoint as a runtime computes it (``load_fake_quant_model``): one
-    result record. The BF16 row is exported and reloaded too, and measured by the same ``evaluate``
-    (its KL comes out ~0)."""
+    """Quantize the row's layers (its KV cache as ``kv_cache`` says), export them, and evaluate the
+    exported checkpoint as a runtime computes it (``load_fake_quant_model``): one result record.
+
+    With ``streamed``, the checkpoint is written file to file from the search's calibration state
+    (``autoq.export``); otherwise a copy of ``reference`` is calibrated by ModelOpt and exported.
+    The BF16 row is exported and reloaded too, and measured by the same ``evaluate`` (its KL comes
+    out ~0)."""
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -183,16 +197,20 @@ def evaluate_row(
         target = checkpoint_dir or Path(tmp) / "checkpoint"
         kv_cache = kv_cache if quantized else None
         if quantized:
-            model = apply_plan(copy.deepcopy(reference), row.formats, calib_batches, progress=progress, kv_cache=kv_cache)
             plan = Plan(layers={n: LayerPlan(format=f) for n, f in row.formats.items()}, created=creation_info(),
-                        kv_cache=None if kv_cache is None else kv_cache.name)  # fmt: skip
-            stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
-            del model
+                        kv_cache=None if kv_cache is None else kv_cache.name,
+                        calibration=streamed.calibration if streamed else {})  # fmt: skip
+            if streamed is not None:
+                stored_bits = streamed.export(plan, target)
+            else:
+                model = apply_plan(copy.deepcopy(reference), row.formats, calib_batches, progress=progress, kv_cache=kv_cache)
+                stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
+                del model
         else:
             reference.save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
             stored_bits = 16.0
-        model = load_fake_quant_model(target, device=device)
+        model = load_fake_quant_model(target, device=device, dtype=next(reference.parameters()).dtype)
         size_bytes = _dir_bytes(target)
         metrics = evaluate(model, reference, tokenizer, heldout, spec).metrics
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -201,6 +219,7 @@ def evaluate_row(
         "formats": {fmt: int(n) for fmt, n in pd.Series(row.formats).value_counts().items()},
         "size_bytes": size_bytes, "stored_bits": stored_bits,
         "kv_cache": None if kv_cache is None else kv_cache.name, "kv_bits": 16.0 if kv_cache is None else kv_cache.bits_per_element,
+        "export_engine": ("stream" if streamed else "modelopt") if quantized else "save_pretrained",
         **metrics, "wall_seconds": time.perf_counter() - start, "peak_cuda_gib": peak, "device": str(device), **row.notes,
     }  # fmt: skip
 
@@ -210,7 +229,7 @@ def run_sweep(
     stream_blocks: bool = False,
 ) -> pd.DataFrame:  # fmt: skip
     """Run (or resume) a sweep into ``out``; returns the results table."""
-    from autoq.pipeline import log, make_plans, model_for_apply
+    from autoq.pipeline import choose_engine, log, make_plans, model_for_apply
     from autoq.refine import refined_rows
 
     out.mkdir(parents=True, exist_ok=True)
@@ -236,10 +255,13 @@ def run_sweep(
     config_key = {
         "model": work.model_info()["fingerprint"], "dtype": dtype, "device": device, "search_space": work.space.fingerprint,
         "calibration": work.calibration.describe(), "heldout": heldout.describe(),
-        "evaluation": {k: v for k, v in asdict(config).items() if k not in ("budgets", "baselines", "keep_checkpoints")},
+        "evaluation": {k: v for k, v in asdict(config).items() if k not in ("budgets", "baselines", "keep_checkpoints", "engine")},
     }  # fmt: skip
     if work.kv_cache is not None:  # only then: sweeps made before --kv-cache keep their fingerprints
         config_key["kv_cache"] = work.kv_cache.name
+    if config.engine != "modelopt":  # likewise: sweeps made before --engine exported every row with ModelOpt
+        config_key["export_engine"] = config.engine
+    streamed = _streamed_rows(work, scores, dtype, device, config.batch_size, progress)
     info = {
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
@@ -263,7 +285,9 @@ def run_sweep(
         try:
             if row.error is not None:
                 raise AutoqError(row.error)
-            record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress, work.kv_cache)
+            engine = choose_engine(config.engine, work.source, row.formats, dtype, work.kv_cache and work.kv_cache.name)
+            record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress, work.kv_cache,
+                                  streamed if engine == "stream" else None)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
             if disk_full(err):  # not the row's failure: every later row would fail too
                 raise
@@ -277,6 +301,30 @@ def run_sweep(
     info["complete"] = int((table.status == "ok").sum()) == len(rows)
     atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
     return table
+
+
+def _streamed_rows(work, scores, dtype: str, device: str, batch_size: int, progress: bool) -> StreamedRows:
+    """The streamed exporter for this sweep's rows, reading the search's calibration state from
+    ``scores.cache`` (completed by one streamed pass for any statistic a row needs that it lacks)."""
+    from autoq.calibstate import CalibrationState
+    from autoq.export import StreamedExport
+    from autoq.model import checkpoint_dtype
+    from autoq.streamcalib import complete_state
+
+    calibration = {**work.calibration.describe(), "state_key": scores.cache.key}
+    # This sweep's own scoring collected the state, on its model, dtype and calibration tokens.
+    entry = Path(scores.cache.dir)
+    state = [CalibrationState.load(entry) if CalibrationState.exists(entry) else None]  # completed as rows need more
+    # Written as the source stores its weights (a bf16 checkpoint stays bf16 when computed in float32).
+    export_dtype = checkpoint_dtype(work.source) or dtype
+
+    def export(plan: Plan, target: Path) -> float:
+        state[0] = complete_state(state[0], plan.formats(), work.source, work.calibration, dtype, device, batch_size, progress)
+        target.mkdir(parents=True, exist_ok=True)
+        writer = StreamedExport(work.source.path, plan, state[0], export_dtype, device)
+        return writer.write(target, work.tokenizer, progress=progress).effective_bits
+
+    return StreamedRows(export, calibration)
 
 
 def _forget_other_configurations(out: Path, fingerprints: dict[str, str], config_key: dict[str, Any], log) -> None:

@@ -14,6 +14,8 @@ W4A8, INT4_AWQ, BF16). A real model is given with ``--model DIR`` and ``--plan p
 
     python benchmarks/bench_export.py --random 1b --shards 4 --engines stream,modelopt --compare
     python benchmarks/bench_export.py --random 8b --shards 4 --engines stream --phases
+    python benchmarks/bench_export.py --random 8b --shards 4 --rotation NVFP4,FP8,BF16 --engines stream,modelopt \
+        --phases --timeout 1800     # max-calibrated formats only; ModelOpt recorded as it stands at 30 min
     python benchmarks/bench_export.py --model DIR --plan run/plan.json --cache-dir CACHE \\
         --calib-samples 32 --seq-len 256 --engines stream,modelopt --compare
 
@@ -87,8 +89,8 @@ def write_random_model(path: Path, shape: dict, shards: int, seed: int = 0) -> P
     return path
 
 
-def mixed_plan(model_dir: Path, path: Path) -> Path:
-    """The rotating mixed plan (``ROTATION``) over the model's decoder linears."""
+def mixed_plan(model_dir: Path, path: Path, rotation: list[str] = ROTATION) -> Path:
+    """The rotating mixed plan (``rotation``, default ``ROTATION``) over the model's decoder linears."""
     from autoq.diskmodel import meta_model
     from autoq.plan import LayerPlan, Plan
     from autoq.search_space import all_layers
@@ -100,21 +102,40 @@ def mixed_plan(model_dir: Path, path: Path) -> Path:
         block = int(layer.name.split(".layers.")[1].split(".")[0])
         kind = next(i for i, marks in enumerate((("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)))
                     if layer.name.rsplit(".", 1)[1] in marks)  # fmt: skip
-        formats[layer.name] = ROTATION[(block + kind) % len(ROTATION)]
+        formats[layer.name] = rotation[(block + kind) % len(rotation)]
     Plan(layers={name: LayerPlan(format=fmt) for name, fmt in formats.items()}).save(path)
     return path
 
 
-def measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS GiB, stderr tail) of ``command`` run as a child process."""
+class TimedOut(Exception):
+    """A measured command ran past its time limit and was killed; its wall time and peak RSS so far."""
+
+    def __init__(self, wall: float, rss: float) -> None:
+        super().__init__(f"killed at the time limit after {wall:.0f} s (peak RSS {rss:.2f} GiB)")
+        self.wall, self.rss = wall, rss
+
+
+def measured(command: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GiB, stderr tail) of ``command`` run as a child process; past
+    ``timeout`` seconds it is killed and ``TimedOut`` carries what it had used."""
+    import tempfile
+
     start = time.perf_counter()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    err = process.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{err[-3000:]}")
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: nothing blocks while we wait with a timeout
+        process = subprocess.Popen(command, stderr=log, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        _, status, usage = os.wait4(process.pid, 0)  # the kernel's peak RSS of the child, killed or not
+        wall = time.perf_counter() - start
+        log.seek(0)
+        err = log.read().decode(errors="replace")
+    if timeout is not None and wall >= timeout and os.WIFSIGNALED(status):
+        raise TimedOut(wall, usage.ru_maxrss / 2**20)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {code}:\n{err[-3000:]}")
     return wall, usage.ru_maxrss / 2**20, err[-2000:]
 
 
@@ -251,6 +272,8 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=Path("reports/benchmarks/bench_export.csv"))
     parser.add_argument("--keep", action="store_true", help="keep the exported checkpoints")
     parser.add_argument("--label", default=None, help="the model's name in the CSV (default: its directory's)")
+    parser.add_argument("--rotation", default=",".join(ROTATION), help="formats of the rotating mixed plan (random models)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per engine run; one past it is killed and recorded")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -261,7 +284,10 @@ def main() -> None:
         label = f"random Llama {args.random} shapes (bf16, seed 0)"
     else:
         model_dir, label = args.model.resolve(), args.label or args.model.name
-    plan = args.plan or mixed_plan(model_dir, args.work / f"plan-{model_dir.name}.json")
+    rotation = args.rotation.split(",")
+    suffix = "" if rotation == ROTATION else "-" + "-".join(f.lower() for f in rotation)
+    plan = args.plan or mixed_plan(model_dir, args.work / f"plan-{model_dir.name}{suffix}.json", rotation)
+    plan_note = f"plan {plan.name if args.plan else 'rotating ' + '/'.join(rotation)}; "
     from autoq.codec import read_headers
 
     headers = read_headers(model_dir)
@@ -280,9 +306,16 @@ def main() -> None:
         out = args.work / f"out-{model_dir.name}-{engine}"
         command = [sys.executable, "-m", "autoq", "apply", str(plan), "--model", str(model_dir), "--export", str(out),
                    "--engine", engine, "--device", "cpu", "--overwrite", "--no-progress", *calib]  # fmt: skip
-        wall, rss, err = measured(command, env)
+        try:
+            wall, rss, err = measured(command, env, args.timeout)
+        except TimedOut as stopped:  # recorded, not lost: how long it ran and what it held by then
+            rows.append(common | {"engine": engine, "phase": "autoq apply (end to end)", "wall_s": round(stopped.wall, 1),
+                                  "peak_rss_gib": round(stopped.rss, 3), "out_gib": "",
+                                  "note": f"{plan_note}did not finish: {stopped}; {args.calib_samples} x {args.seq_len} tokens"})  # fmt: skip
+            print(rows[-1], flush=True)
+            continue
         reused = "reusing the search's calibration state" in err
-        note = f"{'calibration state reused' if reused else 'calibrated in the same run'}; {args.calib_samples} x {args.seq_len} tokens"
+        note = f"{plan_note}{'calibration state reused' if reused else 'calibrated in the same run'}; {args.calib_samples} x {args.seq_len} tokens"
         rows.append(common | {"engine": engine, "phase": "autoq apply (end to end)", "wall_s": round(wall, 1),
                               "peak_rss_gib": round(rss, 3), "out_gib": round(dir_gib(out), 3), "note": note})  # fmt: skip
         print(rows[-1], flush=True)
@@ -292,7 +325,7 @@ def main() -> None:
         me = [sys.executable, str(Path(__file__).resolve()), "_phase"]
         wall, rss, _ = measured([*me, "calibrate", str(model_dir), str(plan), str(state), str(args.calib_samples), str(args.seq_len)])
         rows.append(common | {"engine": "stream", "phase": "streamed calibration (blocks from disk)", "wall_s": round(wall, 1),
-                              "peak_rss_gib": round(rss, 3), "out_gib": "", "note": f"{args.calib_samples} x {args.seq_len} tokens"})  # fmt: skip
+                              "peak_rss_gib": round(rss, 3), "out_gib": "", "note": f"{plan_note}{args.calib_samples} x {args.seq_len} tokens"})  # fmt: skip
         print(rows[-1], flush=True)
         wall, rss, _ = measured([*me, "export", str(model_dir), str(plan), str(state), str(out)])
         rows.append(common | {"engine": "stream", "phase": "streamed export (from the saved state)", "wall_s": round(wall, 1),
