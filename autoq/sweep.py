@@ -249,7 +249,16 @@ def run_sweep(
     rows = build_rows(work, plans, config, None)
     check_rows_fit(reference, rows, sample_ids)  # before any long work: a sweep never dies late on this
     if "modelopt" in config.baselines:
-        rows = build_rows(work, plans, config, _modelopt_state(work, reference, calib_batches, out))
+        # ModelOpt's search quantizes the loaded model in place, and the reference is read again
+        # afterwards: one model in memory at a time, not a copy beside it (a 1.5B model in float32
+        # on a 24 GiB CPU machine ran out of memory with the copy).
+        state = _modelopt_state(work, reference, calib_batches, out)
+        del reference
+        work.model = None
+        release_memory()
+        reference = model_for_apply(work, dtype, device, stream_blocks)
+        reference.requires_grad_(False)
+        rows = build_rows(work, plans, config, state)
         check_rows_fit(reference, [r for r in rows if r.method == MODELOPT], sample_ids)
     rows += refined_rows(out)  # plans `autoq refine` wrote into this sweep directory
     config_key = {
@@ -297,6 +306,7 @@ def run_sweep(
         record["searched_bits"] = searched_bits(row.formats, work.choices) if row.formats else None
         record["fingerprint"] = fingerprints[row.id]
         atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=2, default=float)))
+        release_memory()  # the row's models are gone; give their memory back before the next row loads its own
     table = collect_results(out)
     info["complete"] = int((table.status == "ok").sum()) == len(rows)
     atomic_write(out / "sweep.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
@@ -344,19 +354,28 @@ def _forget_other_configurations(out: Path, fingerprints: dict[str, str], config
             path.unlink()
 
 
-def _modelopt_state(work, reference: nn.Module, calib_batches: list[torch.Tensor], out: Path) -> dict | str | None:
-    """Run ModelOpt's search once (its state re-solves for every budget); why it failed, if it did."""
+def release_memory() -> None:
+    """Collect what is unreachable (ModelOpt's quantized modules hold reference cycles) and give
+    freed memory back to the OS, so that the next model loaded fits beside the reference."""
+    import gc
+
+    from autoq.diskmodel import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
+
+
+def _modelopt_state(work, model: nn.Module, calib_batches: list[torch.Tensor], out: Path) -> dict | str | None:
+    """Run ModelOpt's search once (its state re-solves for every budget); why it failed, if it did.
+    It quantizes ``model`` in place: the caller loads the reference again afterwards."""
     from autoq.interop.modelopt import run_auto_quantize
 
-    model = copy.deepcopy(reference)
     # Scores do not depend on the budget; 16 nominal bits is always feasible, and every row's
     # plan is then re-solved from this state at matched honest bits.
     try:
         state, seconds = run_auto_quantize(model, [c.name for c in work.choices], list(work.space.formats), calib_batches, 16.0)
     except Exception as err:  # noqa: BLE001 - recorded as the ModelOpt rows' failure; the other rows still run
         return f"ModelOpt auto_quantize failed: {type(err).__name__}: {err}"
-    finally:
-        del model
     atomic_write(out / "modelopt_search.json", lambda p: p.write_text(json.dumps({"seconds": seconds})))
     return state
 

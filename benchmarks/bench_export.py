@@ -302,7 +302,7 @@ def main() -> None:
     rows.append(common | {"engine": "", "phase": "imports only (baseline)", "wall_s": round(wall, 1), "peak_rss_gib": round(rss, 3),
                           "out_gib": "", "note": "torch, transformers, modelopt imported; no weights"})  # fmt: skip
     print(rows[-1], flush=True)
-    for engine in args.engines.split(","):
+    for engine in [e for e in args.engines.split(",") if e]:  # "" : none (e.g. only --phases)
         out = args.work / f"out-{model_dir.name}-{engine}"
         command = [sys.executable, "-m", "autoq", "apply", str(plan), "--model", str(model_dir), "--export", str(out),
                    "--engine", engine, "--device", "cpu", "--overwrite", "--no-progress", *calib]  # fmt: skip
