@@ -235,7 +235,7 @@ def _add_study_args(parser: argparse.ArgumentParser, trials: int) -> None:
                         help="held-out sequences measured per trial, right after the calibration ones (default: a sweep's, else 32 as autoq eval)")  # fmt: skip
     parser.add_argument("--unseen-samples", type=int, default=None, help="sequences of the final, never-searched slice (default: --eval-samples)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: bfloat16)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: the dtype the run computed in, else bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     _add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -19,6 +19,7 @@ calibration state lacks, computed block by block with the scoring engine's own c
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -84,6 +85,13 @@ def release_freed_memory() -> None:
 
 
 _LIBC: ctypes.CDLL | bool | None = None
+
+
+def release_memory() -> None:
+    """Collect what is unreachable (ModelOpt's quantized modules hold reference cycles), then
+    ``release_freed_memory``: before a model is loaded or copied beside another that stays."""
+    gc.collect()
+    release_freed_memory()
 
 
 def check_finite(key: str, tensor: torch.Tensor) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from autoq.apply import apply_plan
+from autoq.diskmodel import release_memory
 from autoq.errors import AutoqError
 from autoq.evaluate import _log_probs
 from autoq.formats import FORMATS
@@ -42,21 +43,23 @@ class _Companion:
 
 
 class SwitchableModel:
-    """A copy of ``reference`` whose searched linears take any of their candidate formats.
+    """``model`` itself, its searched linears made to take any of their candidate formats.
 
     ``candidates`` maps each planned layer to the formats it may take (a group's formats, so
-    fused layers can always agree). Building costs one ``apply_plan`` per quantized format; memory
-    is one model plus one copy of the searched linears per quantized format.
+    fused layers can always agree). The model is taken, not copied (pass a copy to keep the
+    original): building costs one ``apply_plan`` per quantized format on a copy of it, and memory
+    is one model plus one copy of the searched linears per quantized format, and one more model
+    while a format is built.
     """
 
     def __init__(
         self,
-        reference: nn.Module,
+        model: nn.Module,
         candidates: dict[str, list[str]],
         calib_batches: list[torch.Tensor],
         progress: bool = True,
     ):
-        self.model = copy.deepcopy(reference)
+        self.model = model
         self.model.requires_grad_(False)
         own = dict(self.model.named_modules())
         self._original = {name: own[name] for name in candidates}
@@ -66,13 +69,15 @@ class SwitchableModel:
         quantized_formats = sorted({f for c in candidates.values() for f in c if FORMATS[f].quantized})
         for fmt in quantized_formats:
             layers = [name for name, c in candidates.items() if fmt in c]
-            quantized = apply_plan(copy.deepcopy(reference), dict.fromkeys(layers, fmt), calib_batches, progress=progress)
+            # self.model is still unquantized here (nothing is switched before the first ``use``).
+            quantized = apply_plan(copy.deepcopy(self.model), dict.fromkeys(layers, fmt), calib_batches, progress=progress)
             modules = dict(quantized.named_modules())
             for name in layers:
                 self._variants[name][fmt] = _with_quantized_weight(modules[name])
-            for name in _changed_modules(reference, quantized, skip=list(candidates)):
+            for name in _changed_modules(self.model, quantized, skip=list(candidates)):
                 self._companion(name, calib_batches[0]).variants[fmt] = modules[name]
             del quantized, modules
+            release_memory()  # the rest of the copy, before the next format's
 
     def _companion(self, name: str, sample: torch.Tensor) -> _Companion:
         if name not in self._companions:

@@ -345,6 +345,7 @@ def run_summary(work: Workload, scores: ScoreResult, options: ScoringOptions, pl
         "search_space": work.space.name,
         "calibration": work.calibration.describe(),
         "objective": options.objective,
+        "dtype": scores.cache.key_parts.get("dtype"),  # what the model computed in (refine and eval default to it)
         "scores_from_cache": scores.from_cache,
         "cache_key": scores.cache.key,
         "calibration_state": str(scores.cache.dir),  # autoq.calibstate, read by `autoq apply --engine stream`

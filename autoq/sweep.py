@@ -36,6 +36,7 @@ from tqdm import tqdm
 from autoq.apply import apply_plan, check_plan_fits_model, export_checkpoint
 from autoq.checkpoint import load_fake_quant_model
 from autoq.data import TokenData
+from autoq.diskmodel import release_memory
 from autoq.errors import AutoqError, atomic_write, disk_full
 from autoq.evaluate import PROXY_TASKS, EvalSpec, evaluate, heldout_tokens
 from autoq.formats import FORMATS, KVCacheFormat
@@ -352,17 +353,6 @@ def _forget_other_configurations(out: Path, fingerprints: dict[str, str], config
             f"rows of this configuration are evaluated again: {', '.join(p.stem for p in stale)}")  # fmt: skip
         for path in stale:
             path.unlink()
-
-
-def release_memory() -> None:
-    """Collect what is unreachable (ModelOpt's quantized modules hold reference cycles) and give
-    freed memory back to the OS, so that the next model loaded fits beside the reference."""
-    import gc
-
-    from autoq.diskmodel import release_freed_memory
-
-    gc.collect()
-    release_freed_memory()
 
 
 def _modelopt_state(work, model: nn.Module, calib_batches: list[torch.Tensor], out: Path) -> dict | str | None:

@@ -142,7 +142,8 @@ def resolve_settings(run: Run, settings: ModelSettings) -> ModelSettings:
         seq_len=settings.seq_len or calib.get("seq_len"),
         eval_samples=eval_samples,
         unseen_samples=settings.unseen_samples or eval_samples,
-        dtype=settings.dtype or "bfloat16",
+        # The dtype the run computed in (search.json, or a sweep's configuration), else bfloat16.
+        dtype=settings.dtype or run.info.get("dtype") or run.info.get("config_key", {}).get("dtype") or "bfloat16",
     )
     missing = [k for k in ("model", "calib", "calib_samples", "seq_len") if getattr(resolved, k) is None]
     if missing:
@@ -180,6 +181,7 @@ def open_workspace(run: Run, settings: ModelSettings) -> Workspace:
     options = run.options
     candidates = {layer: options.formats[options.groups.index(group)] for layer, group in layer_group.items()}
     log(f"quantizing {len(candidates)} layers once per format ({', '.join(sorted({f for c in candidates.values() for f in c}))})")
+    # The reference's log-probs are held by the slices; the model itself becomes the switchable one.
     switchable = SwitchableModel(reference, candidates, calibration.batches(s.batch_size), progress=s.progress)
     del reference
     return Workspace(run, s, device, model_info, total_params, calibration, switchable, search_slice, unseen_slice,

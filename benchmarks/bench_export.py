@@ -123,11 +123,16 @@ def measured(command: list[str], env: dict | None = None, timeout: float | None 
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: nothing blocks while we wait with a timeout
         process = subprocess.Popen(command, stderr=log, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        _, status, usage = os.wait4(process.pid, 0)  # the kernel's peak RSS of the child, killed or not
+        while True:  # reaped by wait4 alone, which gives the kernel's peak RSS of the child, killed or not
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout is not None and time.perf_counter() - start > timeout:
+                process.kill()
+                _, status, usage = os.wait4(process.pid, 0)
+                break
+            time.sleep(0.5)
+        process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
         wall = time.perf_counter() - start
         log.seek(0)
         err = log.read().decode(errors="replace")

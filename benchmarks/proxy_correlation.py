@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--unseen-samples", type=int, default=16, help="held-out sequences every plan is measured on")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="what the model computes in (default: the run's)")
     parser.add_argument("--label", default=None, help="machine description for the summary")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
             raise SystemExit(f"{args.kl_run} has other groups than {args.run}")
         tables["kl"] = kl_run.options
     settings = ModelSettings(eval_samples=args.eval_samples, unseen_samples=args.unseen_samples, batch_size=args.batch_size,
-                             device=args.device, progress=False)  # fmt: skip
+                             device=args.device, dtype=args.dtype, progress=False)  # fmt: skip
     space = open_workspace(run, settings)
     named: list[tuple[str, dict[str, str]]] = [(f"ILP ({objective})", solve(options, args.bits).choice) for objective, options in tables.items()]
     modelopt = args.run / "plans" / f"modelopt-{args.bits:g}.json"
