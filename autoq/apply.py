@@ -43,6 +43,30 @@ def modelopt_quietly() -> Iterator[None]:
         yield
 
 
+def modelopt_quantization():
+    """``modelopt.torch.quantization``, imported so that no model stays in memory because of it.
+
+    ModelOpt's AutoQuantize imports PuLP, which keeps the exceptions of its optional solvers'
+    failed imports as class attributes (``COPT_DLL.err``, ``CPLEX_PY.err``, ...). Their tracebacks
+    keep every frame that was on the stack at that first import, locals included: a model being
+    searched or applied stayed in memory after it was deleted (7 GiB in float32 for a 1.5B model,
+    and a sweep ran out of memory). The tracebacks are dropped here, after the import."""
+    import sys
+
+    import modelopt.torch.quantization as mtq
+    import pulp  # noqa: F401 - imported here, with its import failures, to be cleaned below
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("pulp"):
+            continue
+        for value in list(vars(module).values()):
+            error = value.__dict__.get("err") if isinstance(value, type) else None
+            while isinstance(error, BaseException) and error.__traceback__ is not None:
+                error.__traceback__ = None
+                error = error.__context__
+    return mtq
+
+
 def _quantizer_name(layer: str, quantizer: str) -> str:
     """ModelOpt's name for a quantizer of ``layer``. A fused-experts projection (``...experts.gate_up_proj``)
     has one input quantizer and one weight quantizer per expert (``_QuantFusedExperts``)."""
@@ -203,7 +227,7 @@ def apply_plan(
     layer is calibrated on the unquantized model's own activations, and its scales do not depend
     on the other layers' formats (``autoq.measure`` relies on it).
     """
-    import modelopt.torch.quantization as mtq
+    mtq = modelopt_quantization()
 
     device = next(model.parameters()).device
     check_plan_fits_model(model, formats, batches[0][:1, :64].to(device))

@@ -4,6 +4,8 @@ release that renames or reshapes them fails here, loudly, rather than deep insid
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from importlib.metadata import version
 
 import modelopt.torch.quantization as mtq
@@ -66,3 +68,34 @@ def test_auto_quantize_search_state_layout() -> None:
         assert len(stats["formats"]) == len(stats["scores"]) == len(stats["costs"])
     recipes = _resolve_best_recipe(state, {"effective_bits": 16.0})
     assert set(recipes) == set(state["candidate_stats"])
+
+
+def test_a_model_searched_or_applied_by_modelopt_is_freed_when_deleted(tiny_llama: Path) -> None:
+    """PuLP, which ModelOpt's AutoQuantize imports, keeps its failed optional imports' exceptions,
+    whose tracebacks held the whole stack of the first import, the model in it (a 1.5B sweep ran
+    out of memory). In a fresh process, where that import happens inside the search: both the
+    searched and the applied model are gone once deleted."""
+    script = f"""
+import gc, weakref, torch
+from pathlib import Path
+from autoq.apply import apply_plan
+from autoq.interop.modelopt import run_auto_quantize
+from autoq.model import ModelSource, load_model
+from autoq.search_space import all_layers
+source = ModelSource(Path({str(tiny_llama)!r}), "tiny")
+batches = [torch.randint(0, 100, (2, 32)) for _ in range(2)]
+model = load_model(source, dtype="float32")
+names = [layer.name for layer in all_layers(model) if ".layers." in layer.name]
+run_auto_quantize(model, names, ["NVFP4", "FP8", "BF16"], batches, 16.0)
+searched = weakref.ref(model)
+del model
+model = load_model(source, dtype="float32")
+apply_plan(model, dict.fromkeys(names, "FP8"), batches, progress=False)
+applied = weakref.ref(model)
+del model
+gc.collect()
+print("alive:", searched() is not None, applied() is not None)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "alive: False False" in result.stdout, result.stdout

@@ -104,9 +104,9 @@ def run_auto_quantize(
     Same calibration batches for calibration and scoring, as autoq uses. Quantizes ``model``
     in place: pass a copy.
     """
-    import modelopt.torch.quantization as mtq
+    from autoq.apply import modelopt_quantization, torch_nvfp4_preset
 
-    from autoq.apply import torch_nvfp4_preset
+    mtq = modelopt_quantization()
 
     device = next(model.parameters()).device
     presets: list[str | dict] = []
