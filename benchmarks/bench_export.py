@@ -334,7 +334,7 @@ def main() -> None:
         print(rows[-1], flush=True)
         wall, rss, _ = measured([*me, "export", str(model_dir), str(plan), str(state), str(out)])
         rows.append(common | {"engine": "stream", "phase": "streamed export (from the saved state)", "wall_s": round(wall, 1),
-                              "peak_rss_gib": round(rss, 3), "out_gib": round(dir_gib(out), 3), "note": ""})  # fmt: skip
+                              "peak_rss_gib": round(rss, 3), "out_gib": round(dir_gib(out), 3), "note": plan_note.rstrip("; ")})  # fmt: skip
         print(rows[-1], flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
