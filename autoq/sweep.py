@@ -40,6 +40,7 @@ from autoq.diskmodel import release_memory
 from autoq.errors import AutoqError, atomic_write, disk_full
 from autoq.evaluate import PROXY_TASKS, EvalSpec, evaluate, heldout_tokens
 from autoq.formats import FORMATS, KVCacheFormat
+from autoq.model import DTYPES, checkpoint_dtype
 from autoq.plan import LayerPlan, Plan, creation_info
 from autoq.search_space import LayerChoice
 
@@ -181,14 +182,15 @@ def evaluate_row(
     progress: bool,
     kv_cache: KVCacheFormat | None = None,
     streamed: StreamedRows | None = None,
+    save_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Quantize the row's layers (its KV cache as ``kv_cache`` says), export them, and evaluate the
     exported checkpoint as a runtime computes it (``load_fake_quant_model``): one result record.
 
     With ``streamed``, the checkpoint is written file to file from the search's calibration state
     (``autoq.export``); otherwise a copy of ``reference`` is calibrated by ModelOpt and exported.
-    The BF16 row is exported and reloaded too, and measured by the same ``evaluate`` (its KL comes
-    out ~0)."""
+    The BF16 row is saved (in ``save_dtype``, default the reference's) and reloaded too, and measured
+    by the same ``evaluate`` (its KL comes out ~0)."""
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -208,7 +210,11 @@ def evaluate_row(
                 stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
                 del model
         else:
-            reference.save_pretrained(target, safe_serialization=True)
+            compute_dtype = next(reference.parameters()).dtype
+            # Saved as the source stores it (a bf16 model computed in float32 holds bf16 values, so
+            # the round trip is exact), so that its size is the deployable checkpoint's.
+            reference.to(save_dtype or compute_dtype).save_pretrained(target, safe_serialization=True)
+            reference.to(compute_dtype)
             tokenizer.save_pretrained(target)
             stored_bits = 16.0
         model = load_fake_quant_model(target, device=device, dtype=next(reference.parameters()).dtype)
@@ -272,6 +278,7 @@ def run_sweep(
     if config.engine != "modelopt":  # likewise: sweeps made before --engine exported every row with ModelOpt
         config_key["export_engine"] = config.engine
     streamed = _streamed_rows(work, scores, dtype, device, config.batch_size, progress)
+    save_dtype = DTYPES[checkpoint_dtype(work.source) or dtype]
     info = {
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
@@ -297,7 +304,7 @@ def run_sweep(
                 raise AutoqError(row.error)
             engine = choose_engine(config.engine, work.source, row.formats, dtype, work.kv_cache and work.kv_cache.name)
             record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress, work.kv_cache,
-                                  streamed if engine == "stream" else None)  # fmt: skip
+                                  streamed if engine == "stream" else None, save_dtype)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
             if disk_full(err):  # not the row's failure: every later row would fail too
                 raise
@@ -319,7 +326,6 @@ def _streamed_rows(work, scores, dtype: str, device: str, batch_size: int, progr
     ``scores.cache`` (completed by one streamed pass for any statistic a row needs that it lacks)."""
     from autoq.calibstate import CalibrationState
     from autoq.export import StreamedExport
-    from autoq.model import checkpoint_dtype
     from autoq.streamcalib import complete_state
 
     calibration = {**work.calibration.describe(), "state_key": scores.cache.key}

@@ -144,3 +144,16 @@ def test_streamed_rows_reuse_the_search_state_and_match_modelopt_rows(
     for row in quantized:  # each row's loss as either engine exports it, within 10% of each other
         assert stream.loc[row, "kl"] == pytest.approx(modelopt.loc[row, "kl"], rel=0.1), row
         assert stream.loc[row, "kl"] > 1e-5, row  # and is a real loss (the BF16 row measures 0)
+
+
+def test_a_float32_sweep_of_a_bf16_model_writes_bf16_checkpoints(tiny_llama: Path, tmp_path: Path) -> None:
+    """--dtype float32 (fast on CPUs without native bf16) computes the bf16 weights in float32; every
+    row's checkpoint is still written as the source stores it, so sizes are the deployable ones: the
+    BF16 row is exactly the source's bytes, and the FP8 row fewer (not a float32 copy of the rest)."""
+    out = tmp_path / "sweep"
+    assert _sweep(tiny_llama, out, "--bits", "6", "--baselines", "bf16,fp8", "--dtype", "float32") == 0
+    results = _results(out)
+    source_bytes = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
+    assert results.loc["bf16", "size_bytes"] == pytest.approx(source_bytes, rel=0.01)
+    assert results.loc["uniform-FP8", "size_bytes"] < source_bytes  # a float32 copy of the rest would be larger
+    assert (results.loc[["autoq-6", "uniform-FP8"], "export_engine"] == "stream").all()
