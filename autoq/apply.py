@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import warnings
@@ -43,6 +44,7 @@ def modelopt_quietly() -> Iterator[None]:
         yield
 
 
+@functools.cache
 def modelopt_quantization():
     """``modelopt.torch.quantization``, imported so that no model stays in memory because of it.
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from autoq.data import TokenData, load_tokens
 from autoq.errors import AutoqError
-from autoq.model import DTYPES
 from autoq.lm_tasks import TaskRequest, check_requests, parse_task, run_lm_eval, summarize
+from autoq.model import DTYPES
 
 PROXY_TASKS = ("ppl", "kl")  # computed by autoq itself; every other task name goes to lm-eval
 

@@ -171,7 +171,7 @@ def choose_engine(requested: str, source: ModelSource, formats: dict[str, str], 
     return "modelopt"
 
 
-def streamed_state(plan: Plan, source: ModelSource, calibration: TokenData, dtype: str, device: str, batch_size: int,
+def _streamed_state(plan: Plan, source: ModelSource, calibration: TokenData, dtype: str, device: str, batch_size: int,
                     cache_dir: Path | None, progress: bool):  # fmt: skip
     """The plan's calibration state: its search's, completed by one streamed pass (``autoq.streamcalib``)."""
     from autoq.streamcalib import complete_state, state_for_plan, state_source
@@ -187,7 +187,7 @@ def export_plan(work: Workload, plan: Plan, dtype: str, device: str, stream_bloc
     if choose_engine(engine, work.source, plan.formats(), dtype, plan.kv_cache) == "stream":
         from autoq.export import StreamedExport
 
-        state = streamed_state(plan, work.source, work.calibration, dtype, device, batch_size, cache_dir, progress)
+        state = _streamed_state(plan, work.source, work.calibration, dtype, device, batch_size, cache_dir, progress)
         return StreamedExport(work.source.path, plan, state, dtype, device).write(directory, work.tokenizer, progress=progress)
     model = model_for_apply(work, dtype, device, stream_blocks)
     apply_plan(model, plan.formats(), work.calibration.batches(batch_size), progress=progress, kv_cache=get_kv_cache_format(plan.kv_cache))
@@ -207,7 +207,7 @@ def apply_and_export(
     if choose_engine(engine, source, plan.formats(), dtype, plan.kv_cache) == "stream":
         from autoq.export import stream_export
 
-        state = streamed_state(plan, source, calibration, dtype, device, batch_size, cache_dir, progress)
+        state = _streamed_state(plan, source, calibration, dtype, device, batch_size, cache_dir, progress)
         return stream_export(source.path, plan, state, Path(export), tokenizer, overwrite, dtype, device, progress=progress)
     loaded = load_model(source, dtype=dtype, device=device)
     apply_plan(loaded, plan.formats(), calibration.batches(batch_size), progress=progress, kv_cache=get_kv_cache_format(plan.kv_cache))

@@ -195,7 +195,7 @@ def evaluate_row(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     quantized = any(FORMATS[f].quantized for f in row.formats.values())
-    device = next(reference.parameters()).device
+    device, compute_dtype = next(reference.parameters()).device, next(reference.parameters()).dtype
     with tempfile.TemporaryDirectory(prefix="autoq-export-") as tmp:
         target = checkpoint_dir or Path(tmp) / "checkpoint"
         kv_cache = kv_cache if quantized else None
@@ -210,14 +210,13 @@ def evaluate_row(
                 stored_bits = export_checkpoint(model, tokenizer, plan, target, overwrite=True).effective_bits
                 del model
         else:
-            compute_dtype = next(reference.parameters()).dtype
             # Saved as the source stores it (a bf16 model computed in float32 holds bf16 values, so
             # the round trip is exact), so that its size is the deployable checkpoint's.
             reference.to(save_dtype or compute_dtype).save_pretrained(target, safe_serialization=True)
             reference.to(compute_dtype)
             tokenizer.save_pretrained(target)
             stored_bits = 16.0
-        model = load_fake_quant_model(target, device=device, dtype=next(reference.parameters()).dtype)
+        model = load_fake_quant_model(target, device=device, dtype=compute_dtype)
         size_bytes = _dir_bytes(target)
         metrics = evaluate(model, reference, tokenizer, heldout, spec).metrics
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -277,8 +276,9 @@ def run_sweep(
         config_key["kv_cache"] = work.kv_cache.name
     if config.engine != "modelopt":  # likewise: sweeps made before --engine exported every row with ModelOpt
         config_key["export_engine"] = config.engine
-    streamed = _streamed_rows(work, scores, dtype, device, config.batch_size, progress)
-    save_dtype = DTYPES[checkpoint_dtype(work.source) or dtype]
+    # Checkpoints are written as the source stores its weights (a bf16 model computed in float32 stays bf16).
+    export_dtype = checkpoint_dtype(work.source) or dtype
+    streamed = _streamed_rows(work, scores, dtype, export_dtype, device, config.batch_size, progress)
     info = {
         "model": work.model_info(), "search_space": work.space.name, "budgets": config.budgets, "config": asdict(config),
         "calibration": work.calibration.describe(), "heldout": heldout.describe(), "objective": objective,
@@ -304,7 +304,7 @@ def run_sweep(
                 raise AutoqError(row.error)
             engine = choose_engine(config.engine, work.source, row.formats, dtype, work.kv_cache and work.kv_cache.name)
             record = evaluate_row(row, reference, work.tokenizer, calib_batches, heldout, spec, keep, progress, work.kv_cache,
-                                  streamed if engine == "stream" else None, save_dtype)  # fmt: skip
+                                  streamed if engine == "stream" else None, DTYPES[export_dtype])  # fmt: skip
         except Exception as err:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
             if disk_full(err):  # not the row's failure: every later row would fail too
                 raise
@@ -321,9 +321,10 @@ def run_sweep(
     return table
 
 
-def _streamed_rows(work, scores, dtype: str, device: str, batch_size: int, progress: bool) -> StreamedRows:
+def _streamed_rows(work, scores, dtype: str, export_dtype: str, device: str, batch_size: int, progress: bool) -> StreamedRows:
     """The streamed exporter for this sweep's rows, reading the search's calibration state from
-    ``scores.cache`` (completed by one streamed pass for any statistic a row needs that it lacks)."""
+    ``scores.cache`` (completed by one streamed pass for any statistic a row needs that it lacks);
+    checkpoints are written in ``export_dtype``, the model computes in ``dtype``."""
     from autoq.calibstate import CalibrationState
     from autoq.export import StreamedExport
     from autoq.streamcalib import complete_state
@@ -332,8 +333,6 @@ def _streamed_rows(work, scores, dtype: str, device: str, batch_size: int, progr
     # This sweep's own scoring collected the state, on its model, dtype and calibration tokens.
     entry = Path(scores.cache.dir)
     state = [CalibrationState.load(entry) if CalibrationState.exists(entry) else None]  # completed as rows need more
-    # Written as the source stores its weights (a bf16 checkpoint stays bf16 when computed in float32).
-    export_dtype = checkpoint_dtype(work.source) or dtype
 
     def export(plan: Plan, target: Path) -> float:
         state[0] = complete_state(state[0], plan.formats(), work.source, work.calibration, dtype, device, batch_size, progress)

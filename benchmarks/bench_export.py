@@ -123,6 +123,7 @@ def measured(command: list[str], env: dict | None = None, timeout: float | None 
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: nothing blocks while we wait with a timeout
         process = subprocess.Popen(command, stderr=log, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        timed_out = False
         while True:  # reaped by wait4 alone, which gives the kernel's peak RSS of the child, killed or not
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
@@ -130,17 +131,17 @@ def measured(command: list[str], env: dict | None = None, timeout: float | None 
             if timeout is not None and time.perf_counter() - start > timeout:
                 process.kill()
                 _, status, usage = os.wait4(process.pid, 0)
+                timed_out = True
                 break
             time.sleep(0.5)
         process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
         wall = time.perf_counter() - start
         log.seek(0)
         err = log.read().decode(errors="replace")
-    if timeout is not None and wall >= timeout and os.WIFSIGNALED(status):
+    if timed_out:
         raise TimedOut(wall, usage.ru_maxrss / 2**20)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {code}:\n{err[-3000:]}")
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{err[-3000:]}")
     return wall, usage.ru_maxrss / 2**20, err[-2000:]
 
 
