@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a plan (or an exported checkpoint) against the BF16 model")
     source = evaluate.add_mutually_exclusive_group()
-    source.add_argument("--plan", type=Path, help="plan.json to apply (ModelOpt, calibrated) before evaluating")
+    source.add_argument("--plan", type=Path, action="append", default=[],
+                        help="plan.json to apply (ModelOpt, calibrated) before evaluating; repeat to compare plans "
+                             "(each format is calibrated once for all of them)")  # fmt: skip
     source.add_argument("--checkpoint", type=Path, help="an exported checkpoint, run as a runtime would (dequantized)")
     _add_workload_args(evaluate)
     _add_eval_args(evaluate)
@@ -403,11 +405,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_checkpoint_dir(args.checkpoint)  # before resolving (maybe converting) the reference model
     work = pipeline.prepare(args.model, args.space, args.calib, args.calib_samples, args.seq_len, args.trust_remote_code)
     pipeline.check_outputs_apart(work.source, args.out)
-    result = evaluate_target(work, spec, plan_path=args.plan, checkpoint=args.checkpoint, eval_samples=args.eval_samples,
-                             dtype=args.dtype, device=device, progress=not args.no_progress)  # fmt: skip
-    print(json.dumps(result["metrics"], indent=2))
+    results = evaluate_target(work, spec, plan_paths=args.plan, checkpoint=args.checkpoint, eval_samples=args.eval_samples,
+                              dtype=args.dtype, device=device, progress=not args.no_progress)  # fmt: skip
+    # One plan (or none): its record, as always. Several: a list of records, one per plan, in order.
+    shown = results[0]["metrics"] if len(results) == 1 else {r["plan"]: r["metrics"] for r in results}
+    print(json.dumps(shown, indent=2))
     if args.out is not None:
-        _atomic_write(args.out, lambda path: path.write_text(json.dumps(result, indent=2, default=str)))
+        written = results[0] if len(results) == 1 else results
+        _atomic_write(args.out, lambda path: path.write_text(json.dumps(written, indent=2, default=str)))
     return 0
 
 

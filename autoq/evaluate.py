@@ -136,25 +136,42 @@ def check_checkpoint_dir(path: Path) -> Path:
 
 
 def evaluate_target(
-    work, spec: EvalSpec, *, plan_path: Path | None = None, checkpoint: Path | None = None, eval_samples: int = 32,
+    work, spec: EvalSpec, *, plan_paths: list[Path] | tuple = (), checkpoint: Path | None = None, eval_samples: int = 32,
     dtype: str = "bfloat16", device: str = "cpu", progress: bool = True,
-) -> dict[str, Any]:
-    """``autoq eval``: the model of ``work`` itself, a plan applied to it, or an exported checkpoint,
-    evaluated against ``work``'s model. Returns the result record (metrics, what was measured)."""
+) -> list[dict[str, Any]]:
+    """``autoq eval``: the model of ``work`` itself, one or more plans applied to it, or an exported
+    checkpoint, evaluated against ``work``'s model. Returns one result record (metrics, what was
+    measured) per plan, or one for the checkpoint or the model itself.
+
+    Several plans share one ``SwitchableModel``: each format is calibrated and applied once, and a
+    plan only switches modules, which measures each plan exactly as ``--plan`` alone does."""
     from autoq.pipeline import ensure_model
     from autoq.plan import load_plan
 
-    plan = load_plan(plan_path) if plan_path is not None else None
+    plans = [load_plan(p) for p in plan_paths]
     if checkpoint is not None:
         check_checkpoint_dir(checkpoint)
     heldout = heldout_tokens(work.calibration, work.tokenizer, eval_samples) if spec.proxies else None
     reference = ensure_model(work, dtype, device) if (checkpoint is None or "kl" in spec.proxies) else None
-    if plan is not None:
+
+    def record(model: nn.Module, plan_path: Path | None) -> dict[str, Any]:
+        result = evaluate(model, reference, work.tokenizer, heldout, spec)
+        return {
+            "model": work.model_info(), "plan": str(plan_path) if plan_path else None,
+            "checkpoint": str(checkpoint) if checkpoint else None, "metrics": result.metrics,
+            "heldout": heldout.describe() if heldout is not None else None, "eval_data": str(spec.eval_data) if spec.eval_data else None,
+            "limit": spec.limit, "max_length": spec.max_length, "lm_eval": result.lm_eval,
+        }  # fmt: skip
+
+    if len(plans) > 1:
+        switchable = _switchable_for(plans, plan_paths, reference, work.calibration.batches(spec.batch_size), "kl" in spec.proxies, progress)
+        return [record(switchable.use(plan.formats()), path) for plan, path in zip(plans, plan_paths)]
+    if plans:
         from autoq.apply import apply_plan
         from autoq.formats import get_kv_cache_format
 
-        model = apply_plan(copy.deepcopy(reference), plan.formats(), work.calibration.batches(spec.batch_size), progress=progress,
-                           kv_cache=get_kv_cache_format(plan.kv_cache))  # fmt: skip
+        model = apply_plan(copy.deepcopy(reference), plans[0].formats(), work.calibration.batches(spec.batch_size), progress=progress,
+                           kv_cache=get_kv_cache_format(plans[0].kv_cache))  # fmt: skip
     elif checkpoint is not None:
         from autoq.checkpoint import load_fake_quant_model
 
@@ -164,10 +181,19 @@ def evaluate_target(
                              f"{work.source.name} {reference.config.vocab_size}: pass the --model it was made from")  # fmt: skip
     else:
         model = reference
-    result = evaluate(model, reference, work.tokenizer, heldout, spec)
-    return {
-        "model": work.model_info(), "plan": str(plan_path) if plan_path else None, "checkpoint": str(checkpoint) if checkpoint else None,
-        "metrics": result.metrics, "heldout": heldout.describe() if heldout is not None else None,
-        "eval_data": str(spec.eval_data) if spec.eval_data else None, "limit": spec.limit, "max_length": spec.max_length,
-        "lm_eval": result.lm_eval,
-    }  # fmt: skip
+    return [record(model, plan_paths[0] if plans else None)]
+
+
+def _switchable_for(plans: list, plan_paths, reference: nn.Module, calib_batches: list[torch.Tensor], keep_reference: bool,
+                    progress: bool):  # fmt: skip
+    """One ``SwitchableModel`` whose layers can take every format any of ``plans`` gives them."""
+    from autoq.measure import SwitchableModel
+
+    if any(plan.kv_cache for plan in plans):
+        raise AutoqError("plans with a kv_cache are evaluated one at a time (pass a single --plan)")
+    layers = set(plans[0].formats())
+    for plan, path in zip(plans[1:], plan_paths[1:]):
+        if set(plan.formats()) != layers:
+            raise AutoqError(f"plan {path} plans other layers than {plan_paths[0]}: compare plans made for the same model and space")
+    candidates = {name: sorted({plan.formats()[name] for plan in plans}) for name in layers}
+    return SwitchableModel(copy.deepcopy(reference) if keep_reference else reference, candidates, calib_batches, progress=progress)

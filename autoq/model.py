@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoq.devices import note_slow_cpu_bf16
 from autoq.errors import AutoqError, first_line
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -201,6 +202,8 @@ def load_model(source: ModelSource, dtype: str = "bfloat16", device: str | torch
             raise AutoqError(f"model at {source.path}: weight {name} has NaN or infinite values")
     model.to(device).eval()
     model.requires_grad_(False)
+    if dtype == "bfloat16" and torch.device(device).type == "cpu":
+        note_slow_cpu_bf16()
     if model.config.architectures is None:  # ModelOpt's exporter reads it
         model.config.architectures = [type(model).__name__]
     return model

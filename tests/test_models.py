@@ -245,3 +245,17 @@ def test_real_smollm2_package_checks_sha256_reuses_its_conversion_and_answers(tm
     assert result["model"]["weights_from"] == source.weights_from and "Q4_1" in result["model"]["caveat"]
     assert result["metrics"]["ppl"] < 100  # on the bundled corpus; the synthetic model is in the thousands
     assert result["metrics"]["arc_easy_acc"] == 1.0  # "Which of these is a liquid at room temperature?" -> water
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_float32_is_faster_once(monkeypatch, capsys) -> None:
+    from autoq import devices
+    from autoq.default_model import synthetic_model
+
+    source = synthetic_model()
+    for native, dtype, said in ((False, "bfloat16", 1), (False, "float32", 0), (True, "bfloat16", 0)):
+        devices.note_slow_cpu_bf16.cache_clear()
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda native=native: native)
+        load_model(source, dtype=dtype)
+        load_model(source, dtype=dtype)  # once per process, not once per load
+        assert capsys.readouterr().err.count("no native bf16") == said, (native, dtype)
+    devices.note_slow_cpu_bf16.cache_clear()

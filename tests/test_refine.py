@@ -81,6 +81,34 @@ def test_trial_zero_is_the_ilp_plan_and_equals_autoq_eval(refined: Path, tiny_ll
         assert metrics["kl"] == trial.user_attrs["kl"] and metrics["ppl"] == trial.user_attrs["ppl"], plan.name
 
 
+def test_several_plans_in_one_eval_measure_what_each_alone_measures(refined: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    """`autoq eval --plan A --plan B` calibrates each format once for both plans (a switchable model)
+    and still measures each plan bit for bit as `--plan A` alone does (trial 0 and the best trial)."""
+    study = _study(refined)
+    best = min((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    plans = [refined / "plan.json", refined / f"plan-refined-{BUDGET:g}bits.json"]
+    assert load_plan(plans[0]).formats() != load_plan(plans[1]).formats()
+    out = tmp_path / "both.json"
+    argv = ["eval", "--plan", str(plans[0]), "--plan", str(plans[1]), "--model", str(tiny_llama), "--tasks", "kl,ppl", "--out", str(out),
+            *DATA, *MEASURE]  # fmt: skip
+    assert main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [r["plan"] for r in records] == [str(p) for p in plans]
+    for record, trial in zip(records, (study.trials[0], best)):
+        assert record["metrics"]["kl"] == trial.user_attrs["kl"] and record["metrics"]["ppl"] == trial.user_attrs["ppl"]
+
+
+def test_plans_of_other_layers_cannot_be_evaluated_together(refined: Path, tiny_llama: Path, tmp_path: Path, capsys) -> None:
+    plan = load_plan(refined / "plan.json")
+    fewer = tmp_path / "fewer.json"
+    plan.layers.pop(next(iter(plan.layers)))
+    plan.save(fewer)
+    out = tmp_path / "out.json"
+    argv = ["eval", "--plan", str(refined / "plan.json"), "--plan", str(fewer), "--model", str(tiny_llama), "--out", str(out), *DATA, *MEASURE]
+    assert main(argv) == 2
+    assert "plans other layers" in capsys.readouterr().err and not out.exists()
+
+
 def test_refined_plan_names_its_source_and_both_slices(refined: Path) -> None:
     plan = load_plan(refined / f"plan-refined-{BUDGET:g}bits.json")
     achieved = plan.achieved
