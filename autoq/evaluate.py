@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def check_checkpoint_dir(path: Path) -> Path:
 
 
 def evaluate_target(
-    work, spec: EvalSpec, *, plan_paths: list[Path] | tuple = (), checkpoint: Path | None = None, eval_samples: int = 32,
+    work, spec: EvalSpec, *, plan_paths: Sequence[Path] = (), checkpoint: Path | None = None, eval_samples: int = 32,
     dtype: str = "bfloat16", device: str = "cpu", progress: bool = True,
 ) -> list[dict[str, Any]]:
     """``autoq eval``: the model of ``work`` itself, one or more plans applied to it, or an exported
@@ -184,16 +185,16 @@ def evaluate_target(
     return [record(model, plan_paths[0] if plans else None)]
 
 
-def _switchable_for(plans: list, plan_paths, reference: nn.Module, calib_batches: list[torch.Tensor], keep_reference: bool,
+def _switchable_for(plans: list, plan_paths: Sequence[Path], reference: nn.Module, calib_batches: list[torch.Tensor], keep_reference: bool,
                     progress: bool):  # fmt: skip
     """One ``SwitchableModel`` whose layers can take every format any of ``plans`` gives them."""
     from autoq.measure import SwitchableModel
 
     if any(plan.kv_cache for plan in plans):
         raise AutoqError("plans with a kv_cache are evaluated one at a time (pass a single --plan)")
-    layers = set(plans[0].formats())
-    for plan, path in zip(plans[1:], plan_paths[1:]):
-        if set(plan.formats()) != layers:
+    formats = [plan.formats() for plan in plans]
+    for plan_formats, path in zip(formats[1:], plan_paths[1:]):
+        if plan_formats.keys() != formats[0].keys():
             raise AutoqError(f"plan {path} plans other layers than {plan_paths[0]}: compare plans made for the same model and space")
-    candidates = {name: sorted({plan.formats()[name] for plan in plans}) for name in layers}
+    candidates = {name: sorted({f[name] for f in formats}) for name in formats[0]}
     return SwitchableModel(copy.deepcopy(reference) if keep_reference else reference, candidates, calib_batches, progress=progress)
