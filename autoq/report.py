@@ -23,10 +23,15 @@ from autoq.errors import AutoqError, atomic_output_dir
 from autoq.plan import load_plan
 from autoq.sensitivity import HEAD_BLOCK
 
-FORMAT_COLORS = {"BF16": "#d9d9d9", "FP8": "#4c72b0", "W4A8": "#dd8452", "INT4_AWQ": "#c44e52", "NVFP4": "#55a868"}
+FORMAT_COLORS = {  # one colour per registry format (a test holds this to autoq.formats.FORMATS), bits high to low
+    "BF16": "#d9d9d9", "INT8_SQ": "#937860", "MXFP8": "#64b5cd", "FP8": "#4c72b0", "W4A16_NVFP4": "#8172b2",
+    "W4A8": "#dd8452", "INT4_AWQ": "#c44e52", "NVFP4": "#55a868",
+}
+UNLISTED_FORMAT_COLOR = "#000000"  # a format from a newer plan than this report knows: shown, never dropped
 METRICS = {  # metric column -> (axis label, lower is better, log scale)
     "ppl": ("perplexity on held-out text", True, True),
     "kl": ("mean token KL to BF16 (nats)", True, True),
+    "wikitext2_word_perplexity": ("WikiText-2 word perplexity (lm-eval)", True, True),
 }
 SERIES_STYLE = {
     "autoq": dict(color="#c44e52", marker="o"),
@@ -98,18 +103,19 @@ def plot_format_maps(plans: dict[str, dict[str, str]], scores: pd.DataFrame, pat
     layers = layers.assign(kind=[_layer_kind(n, b) for n, b in zip(layers.layer, layers.block)])
     kinds = list(dict.fromkeys(layers.kind))
     blocks = sorted(layers.block.unique())
-    names = list(FORMAT_COLORS)
+    names = _ordered_formats({f for formats in plans.values() for f in formats.values()})
+    colors = [FORMAT_COLORS.get(name, UNLISTED_FORMAT_COLOR) for name in names]
     fig, axes = plt.subplots(len(plans), 1, figsize=(max(6, 0.35 * len(blocks) + 3), 0.9 + (0.28 * len(kinds) + 0.6) * len(plans)), squeeze=False)
     for ax, (label, formats) in zip(axes[:, 0], plans.items()):
         grid = np.full((len(kinds), len(blocks)), np.nan)
         for name, block, kind in zip(layers.layer, layers.block, layers.kind):
             grid[kinds.index(kind), blocks.index(block)] = names.index(formats.get(name, "BF16"))
-        ax.imshow(grid, cmap=ListedColormap(list(FORMAT_COLORS.values())), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
+        ax.imshow(grid, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
         ax.set_xticks(range(len(blocks)), ["head" if b == HEAD_BLOCK else str(b) for b in blocks], fontsize=7)
         ax.set_title(label, fontsize=9)
     axes[-1, 0].set_xlabel("decoder block")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in FORMAT_COLORS.values()]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
     top = 1 - 0.9 / fig.get_figheight()  # keep about 0.9 inch above the panels for title and legend
     fig.suptitle(title, fontsize=10, y=0.995)
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()), ncol=len(names), fontsize=8)
@@ -118,11 +124,21 @@ def plot_format_maps(plans: dict[str, dict[str, str]], scores: pd.DataFrame, pat
     plt.close(fig)
 
 
-def plot_sensitivity(scores: pd.DataFrame, path: Path, title: str) -> None:
-    """Layers down, formats across, colour = log10 of the score (BF16 scores 0 and is left out)."""
+def _ordered_formats(present: set[str]) -> list[str]:
+    """Every format present, the known ones in FORMAT_COLORS order, any other after them (BF16 always, as unplanned layers show BF16)."""
+    return [f for f in FORMAT_COLORS if f in present | {"BF16"}] + sorted(present - set(FORMAT_COLORS))
+
+
+def sensitivity_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Layers down, every scored format but BF16 (which scores 0) across."""
     quantized = scores[scores.format != "BF16"]
     table = quantized.pivot_table(index="layer", columns="format", values="score", sort=False)
-    table = table[[f for f in FORMAT_COLORS if f in table.columns]]
+    return table[[f for f in _ordered_formats(set(table.columns)) if f != "BF16"]]
+
+
+def plot_sensitivity(scores: pd.DataFrame, path: Path, title: str) -> None:
+    """Layers down, formats across, colour = log10 of the score (BF16 scores 0 and is left out)."""
+    table = sensitivity_table(scores)
     values = np.log10(table.to_numpy().clip(min=1e-30))
     fig, ax = plt.subplots(figsize=(6.5 + 1.0 * table.shape[1], min(40, 1.6 + 0.16 * len(table))), layout="constrained")
     image = ax.imshow(values, aspect="auto", cmap="magma")

@@ -202,3 +202,18 @@ def test_report_on_gguf_weights_states_their_origin_and_caveat(sweep_dir: Path, 
     head = (tmp_path / "report" / "report.md").read_text().split("\n|")[0]  # the text above the results table
     assert "Model weights dequantized from GGUF x.gguf: linear weights Q4_1 (4-bit asymmetric, g32). **Caveat:** on a 4-bit grid." in head
     assert "Q4_1 (4-bit asymmetric, g32)" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_every_registry_format_has_its_own_colour_and_none_is_left_out_of_the_plots(tmp_path: Path) -> None:
+    from autoq.formats import FORMATS
+    from autoq.report import FORMAT_COLORS, plot_format_maps, sensitivity_table
+
+    assert set(FORMAT_COLORS) == set(FORMATS) and len(set(FORMAT_COLORS.values())) == len(FORMAT_COLORS)
+    layers = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    formats = ["BF16", "MXFP8", "W4A16_NVFP4", "NVFP4", "FUTURE_FMT"]
+    scores = pd.DataFrame([{"layer": n, "block": int(n.split(".")[2]), "format": f, "score": 1.0 + i}
+                           for n in layers for i, f in enumerate(formats)])  # fmt: skip
+    assert list(sensitivity_table(scores).columns) == ["MXFP8", "W4A16_NVFP4", "NVFP4", "FUTURE_FMT"]
+    plan = dict(zip(layers, ["MXFP8", "W4A16_NVFP4", "FUTURE_FMT"]))
+    plot_format_maps({"widened": plan}, scores, tmp_path / "map.png", "t")  # an unknown name used to raise ValueError
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
