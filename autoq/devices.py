@@ -52,3 +52,16 @@ def note_slow_cpu_bf16() -> None:
     if not cpu_has_native_bf16():
         log("note: this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 runs several times slower here than "
             "--dtype float32, which computes the same bf16 weights at twice the memory")  # fmt: skip
+
+
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    """Memory free for new tensors on ``device`` now (CUDA: free device memory; CPU: Linux's
+    MemAvailable), or None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None

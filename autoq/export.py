@@ -318,15 +318,25 @@ def unsupported_reason(source: Path, formats: dict[str, str], dtype: str) -> str
 
 def hf_quant_config(model: torch.nn.Module, formats: dict[str, str]) -> dict:
     """hf_quant_config.json for ``formats`` (quantized layers only) over ``model``'s linear layers,
-    built by ModelOpt's own ``process_layer_quant_config`` as its ``get_quant_config`` does."""
+    built by ModelOpt's own ``process_layer_quant_config`` as its ``get_quant_config`` does.
+
+    ModelOpt's ``get_quant_config`` lists every module ``mtq.quantize`` gave quantizers, which is every
+    module of a type in its ``QuantModuleRegistry`` that holds a weight: the embeddings (and any
+    ``nn.LayerNorm``) too. Left unquantized, they go into ``exclude_modules`` of a single-format
+    checkpoint, so they are listed here as well."""
     import modelopt
     from modelopt.torch.export.quant_utils import process_layer_quant_config
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
 
     layer_config = {}
     for layer in all_layers(model):
         fmt = FORMATS[formats[layer.name]] if layer.name in formats else None
         layer_config[f"{layer.name}.quantization"] = MODELOPT_FORMATS[fmt.hf_quant_algo] if fmt else None
         layer_config[f"{layer.name}.awq_block_size"] = (fmt.weight_block or 0) if fmt else 0
+    for name, module in model.named_modules():
+        if f"{name}.quantization" not in layer_config and type(module) in QuantModuleRegistry and getattr(module, "weight", None) is not None:
+            layer_config[f"{name}.quantization"] = None
+            layer_config[f"{name}.awq_block_size"] = 0
     quantization = {"quant_algo": None, "kv_cache_quant_algo": None}
     quantization.update(process_layer_quant_config(layer_config))
     return {"producer": {"name": "modelopt", "version": modelopt.__version__}, "quantization": quantization}

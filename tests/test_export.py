@@ -122,6 +122,18 @@ def test_streamed_export_writes_modelopts_configs(mixed) -> None:
     )
 
 
+@pytest.mark.parametrize("fmt", ["NVFP4", "FP8"])
+def test_a_single_format_export_excludes_the_modules_modelopt_excludes(fmt: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """A uniform plan is a single-format checkpoint (quant_algo + exclude_modules). ModelOpt excludes
+    every module it gave quantizers and left off: the head and the embeddings (the H100 run of
+    2026-12-07 found the streamed config lacked ``model.embed_tokens``)."""
+    theirs, ours = _both_exports(tiny_llama, dict.fromkeys(MIXED, fmt), tmp_path)
+    quantization = json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
+    assert quantization["quant_algo"] == fmt and quantization["exclude_modules"] == ["lm_head", "model.embed_tokens"]
+    for name in ("hf_quant_config.json", "config.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+
+
 def test_both_exports_verify_serve_and_compute_the_same_logits(served, tiny_llama: Path, capsys: pytest.CaptureFixture) -> None:
     theirs, ours = served
     assert all(torch.equal(_bytes(read_all(ours)[k]), _bytes(t)) for k, t in read_all(theirs).items() if not k.endswith("weight") or

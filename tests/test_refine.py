@@ -214,3 +214,44 @@ def test_measured_frontier_starts_from_the_ilp_plans(run_dir: Path) -> None:
     front = table[table.pareto]
     for row in front.itertuples():  # nothing measured dominates a front point
         assert not ((table.bits <= row.bits) & (table.value < row.value)).any()
+
+
+def test_packed_variants_measure_bit_for_bit_what_dense_ones_do_in_a_fraction_of_the_memory(tiny_llama: Path) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autoq.measure import HeldoutSlice, SwitchableModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 64), generator=generator) for _ in range(2)]
+    heldout = HeldoutSlice(model, batches, {})
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    candidates = dict.fromkeys(layers, ["BF16", "FP8", "NVFP4"])
+    dense = SwitchableModel(copy.deepcopy(model), candidates, batches, progress=False, pack=False)
+    packed = SwitchableModel(copy.deepcopy(model), candidates, batches, progress=False, pack=True)
+    for fmt, index_dtypes in (("FP8", {torch.uint8}), ("NVFP4", {torch.uint8, torch.int16})):  # NVFP4: up to ~1,900 values
+        for name in layers:
+            weight, ours = dense._variants[name][fmt].weight, packed._variants[name][fmt].packed_weight
+            assert ours.index.dtype in index_dtypes and ours.nbytes < weight.nbytes * (0.3 if fmt == "FP8" else 0.55)
+            assert torch.equal(ours.unpack().view(torch.int32), weight.view(torch.int32))  # the very bits
+    plan = {name: ("BF16", "FP8", "NVFP4")[i % 3] for i, name in enumerate(layers)}
+    assert heldout.measure(packed.use(plan)) == heldout.measure(dense.use(plan))
+    assert heldout.measure(packed.use(dict.fromkeys(layers, "NVFP4"))) == heldout.measure(dense.use(dict.fromkeys(layers, "NVFP4")))
+
+
+def test_packing_keeps_every_bit_and_declines_where_it_saves_nothing() -> None:
+    import torch
+
+    from autoq.measure import PackedWeight
+
+    values = torch.cat([torch.linspace(-1, 1, 1000), torch.tensor([0.0, -0.0, float("nan"), float("inf")])])
+    tensor = values[torch.randint(0, len(values), (256, 256), generator=torch.Generator().manual_seed(0))]
+    packed = PackedWeight.pack(tensor)
+    assert packed.index.dtype == torch.int16 and packed.nbytes < tensor.nbytes * 0.6
+    assert torch.equal(packed.unpack().view(torch.int32), tensor.view(torch.int32))  # -0.0 and NaN included
+    assert PackedWeight.pack(torch.randn(300, 300)) is None  # 90,000 distinct values
+    assert PackedWeight.pack(tensor[:4, :100]) is None  # a table of 1,004 values for 400 elements
+    assert PackedWeight.pack(torch.randn(64, 64).bfloat16()) is None  # bf16: an int16 index would save nothing
