@@ -255,3 +255,16 @@ def test_packing_keeps_every_bit_and_declines_where_it_saves_nothing() -> None:
     assert PackedWeight.pack(torch.randn(300, 300)) is None  # 90,000 distinct values
     assert PackedWeight.pack(tensor[:4, :100]) is None  # a table of 1,004 values for 400 elements
     assert PackedWeight.pack(torch.randn(64, 64).bfloat16()) is None  # bf16: an int16 index would save nothing
+
+
+def test_copies_are_packed_when_dense_ones_would_take_over_half_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from autoq import measure
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 64))
+    candidates = {"0": ["BF16", "FP8", "NVFP4"], "1": ["BF16", "FP8"]}
+    dense = 3 * 64 * 32 * 4  # bytes of the three quantized float32 copies
+    for free, packed in ((2 * dense + 8, False), (2 * dense - 8, True), (None, False)):
+        monkeypatch.setattr(measure, "available_memory_bytes", lambda device, free=free: free)
+        assert measure._should_pack(model, candidates) is packed, free
