@@ -334,7 +334,8 @@ def hf_quant_config(model: torch.nn.Module, formats: dict[str, str]) -> dict:
         layer_config[f"{layer.name}.quantization"] = MODELOPT_FORMATS[fmt.hf_quant_algo] if fmt else None
         layer_config[f"{layer.name}.awq_block_size"] = (fmt.weight_block or 0) if fmt else 0
     for name, module in model.named_modules():
-        if f"{name}.quantization" not in layer_config and type(module) in QuantModuleRegistry and getattr(module, "weight", None) is not None:
+        given_quantizers = type(module) in QuantModuleRegistry and getattr(module, "weight", None) is not None
+        if given_quantizers and f"{name}.quantization" not in layer_config:
             layer_config[f"{name}.quantization"] = None
             layer_config[f"{name}.awq_block_size"] = 0
     quantization = {"quant_algo": None, "kv_cache_quant_algo": None}

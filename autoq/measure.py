@@ -18,8 +18,9 @@ so a trial costs one forward pass per held-out batch. Where the dense copies wou
 *packed*: its distinct bit patterns and a uint8/int16 index per element (a quantized weight holds at
 most a few thousand distinct values), unpacked just for its own forward. That is lossless by
 construction (the unpacked tensor has the very bits of the dense one) and costs one gather per layer
-and forward: an FP8 copy takes 1 byte per weight instead of 4 in float32, an NVFP4 copy 2. ``tests/test_refine.py`` checks that the
-metric of a switched plan equals ``autoq eval``'s (``apply_plan`` + ``mean_kl``) bit for bit.
+and forward: an FP8 copy takes 1 byte per weight instead of 4 in float32, an NVFP4 copy at most 2.
+``tests/test_refine.py`` checks that the metric of a switched plan equals ``autoq eval``'s
+(``apply_plan`` + ``mean_kl``) bit for bit, packed or not.
 """
 
 from __future__ import annotations
