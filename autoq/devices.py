@@ -55,11 +55,13 @@ def note_slow_cpu_bf16() -> None:
 
 
 def available_memory_bytes(device: torch.device | str) -> int | None:
-    """Memory free for new tensors on ``device`` now (CUDA: free device memory; CPU: Linux's
-    MemAvailable), or None where it cannot be read."""
+    """Memory free for new tensors on ``device`` now (CUDA: free device memory plus what torch's
+    caching allocator holds unused, which it hands out first; CPU: Linux's MemAvailable), or None
+    where it cannot be read."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
     except OSError:

@@ -44,6 +44,7 @@ from autoq import distributed
 from autoq.cache import ScoreCache
 from autoq.calibration import LayerStats, StatsCollector
 from autoq.decoder import DecoderStructure
+from autoq.devices import available_memory_bytes
 from autoq.errors import AutoqError, log
 from autoq.executor import BlockExecutor
 from autoq.experts import ExpertRouting
@@ -121,9 +122,7 @@ class EngineSizes:
     def store_budget_gib(self) -> float:
         if self.store_budget is not None:
             return self.store_budget
-        free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # free to us too
-        return max(2.0, (free + cached) / 2 / 2**30)
+        return max(2.0, available_memory_bytes(self.device) / 2 / 2**30)
 
 
 def batches_per_step(batches: list[torch.Tensor], tokens_per_step: int) -> int:
